@@ -1,0 +1,2 @@
+"""promoe-ds: train ProMoE diffusion transformers on DeepSpeed."""
+__version__ = "0.1.0"

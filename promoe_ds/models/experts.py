@@ -1,0 +1,124 @@
+"""Expert weights and the backends that compute them.
+
+``ExpertGroup`` stores E expert MLPs ``Linear(D, H) -> GELU(tanh) -> Linear(H, D)`` as stacked
+tensors (``w1 [E, H, D]``, ``b1 [E, H]``, ``w2 [E, D, H]``, ``b2 [E, D]``, nn.Linear layout per
+expert), so every backend reads the same parameters:
+
+- ``loop``: a Python loop over experts (the reference; any device).
+- ``grouped``: ``torch._grouped_mm`` over the token groups, no loop and no host sync (CUDA, bf16).
+- ``megablocks``: MegaBlocks' grouped GEMM (``megablocks.grouped_gemm_util``), when installed.
+- ``auto``: the fastest one available for the tensors at hand.
+
+Tokens reach ``forward`` already sorted by expert, with ``counts[e]`` tokens for expert e.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _gelu(h: torch.Tensor) -> torch.Tensor:
+    return F.gelu(h, approximate="tanh")
+
+
+def loop_experts(x, counts, w1, b1, w2, b2):
+    """Reference: one small MLP per expert over its contiguous slice of tokens."""
+    outs = []
+    for e, xs in enumerate(torch.split(x, counts.tolist())):
+        outs.append(F.linear(_gelu(F.linear(xs, w1[e], b1[e])), w2[e], b2[e]))
+    return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[1])
+
+
+def grouped_experts(x, counts, w1, b1, w2, b2):
+    """torch._grouped_mm: one kernel per GEMM for all experts (offs = cumulative group ends)."""
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    expert_of_token = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts,
+                                              output_size=x.shape[0])
+    with torch.autocast("cuda", enabled=False):
+        h = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs) + b1[expert_of_token]
+        return torch._grouped_mm(_gelu(h), w2.transpose(-2, -1), offs=offs) + b2[expert_of_token]
+
+
+def megablocks_experts(x, counts, w1, b1, w2, b2):
+    """MegaBlocks' grouped GEMM (CUTLASS); batch sizes are a CPU int64 tensor in its API."""
+    from megablocks import grouped_gemm_util as gg  # optional GPU dependency
+
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
+    sizes = counts.to("cpu", torch.int64)
+    expert_of_token = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts,
+                                              output_size=x.shape[0])
+    with torch.autocast("cuda", enabled=False):
+        h = gg.ops.gmm(x, w1, sizes, trans_b=True) + b1[expert_of_token]
+        return gg.ops.gmm(_gelu(h), w2, sizes, trans_b=True) + b2[expert_of_token]
+
+
+def megablocks_available() -> bool:
+    try:
+        from megablocks import grouped_gemm_util as gg
+    except ImportError:
+        return False
+    return bool(getattr(gg, "grouped_gemm_is_available", lambda: False)())
+
+
+BACKENDS = {"loop": loop_experts, "grouped": grouped_experts, "megablocks": megablocks_experts}
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """'auto' -> grouped on CUDA (torch grouped GEMM), loop elsewhere; explicit names are checked."""
+    if name == "auto":
+        return "grouped" if device.type == "cuda" and hasattr(torch, "_grouped_mm") else "loop"
+    if name in ("grouped", "megablocks") and device.type != "cuda":
+        raise ValueError(f"expert backend {name!r} needs a CUDA device (got {device}); use loop or auto")
+    if name == "megablocks" and not megablocks_available():
+        raise ValueError("expert backend 'megablocks' is not installed: see README (GPU install) or use grouped")
+    return name
+
+
+class ExpertGroup(nn.Module):
+    """E expert MLPs as stacked tensors. ``first_id`` is the global id of the first expert held here
+    (expert parallelism holds a slice); initialisation is seeded per (seed, global id), so a model
+    built with any expert-parallel layout starts from the same weights."""
+
+    def __init__(self, num: int, dim: int, hidden: int, *, first_id: int = 0, seed: int = 0):
+        super().__init__()
+        self.num, self.dim, self.hidden, self.first_id, self.seed = num, dim, hidden, first_id, seed
+        self.w1 = nn.Parameter(torch.empty(num, hidden, dim))
+        self.b1 = nn.Parameter(torch.zeros(num, hidden))
+        self.w2 = nn.Parameter(torch.empty(num, dim, hidden))
+        self.b2 = nn.Parameter(torch.zeros(num, dim))
+        self.backend = "loop"
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        # xavier-uniform weights, zero biases (DiT's init of every Linear), one generator per expert
+        if self.w1.is_meta:
+            return
+        for i in range(self.num):
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.first_id + i)
+            for w in (self.w1, self.w2):
+                bound = math.sqrt(6.0 / (w.shape[1] + w.shape[2]))
+                w[i].copy_(torch.rand(w.shape[1:], generator=g) * 2 * bound - bound)
+        self.b1.zero_()
+        self.b2.zero_()
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [N, D] sorted by expert, counts [E] (sum N) -> [N, D]."""
+        return BACKENDS[self.backend](x, counts, self.w1, self.b1, self.w2, self.b2)
+
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of every expert applied to every token (shared and unconditional experts, Eq. 5)."""
+        out = None
+        for e in range(self.num):
+            y = F.linear(_gelu(F.linear(x, self.w1[e], self.b1[e])), self.w2[e], self.b2[e])
+            out = y if out is None else out + y
+        return out
+
+    def extra_repr(self) -> str:
+        return f"num={self.num}, dim={self.dim}, hidden={self.hidden}, first_id={self.first_id}"

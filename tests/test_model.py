@@ -1,0 +1,284 @@
+"""Model core: config, presets/parameter counts, and the ProMoE layer against Algorithm 1."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from promoe_ds.cli import main as cli_main
+from promoe_ds.config import ConfigError, ExpertSpec, MoEConfig, load_config
+from promoe_ds.models.dit import build_model, count_params
+from promoe_ds.models.moe import MoEMLP, routing_contrastive_loss
+
+# ------------------------------------------------------------------ Algorithm 1, written plainly
+
+
+def ffn(x, w1, b1, w2, b2):
+    return F.gelu(x @ w1.T + b1, approximate="tanh") @ w2.T + b2
+
+
+def expert(group, e):
+    return (group.w1[e], group.b1[e], group.w2[e], group.b2[e])
+
+
+def algorithm1(layer: MoEMLP, X, c, null, tau):
+    """Algorithm 1 of the paper (training), with the layer's weights; returns (O, L_RCL)."""
+    B, L, D = X.shape
+    O = torch.zeros_like(X)
+    Mu = c == null
+    Mc = ~Mu
+    if layer.uncond_experts is not None and Mu.any():  # Step 2
+        Xu = X[Mu]
+        O[Mu] = sum(ffn(Xu, *expert(layer.uncond_experts, k)) for k in range(layer.uncond_experts.num))
+    loss = torch.zeros((), dtype=X.dtype)
+    if Mc.any():
+        Xc = X[Mc].reshape(-1, D)  # Step 3
+        P = layer.prototypes
+        Z = (Xc / Xc.norm(dim=1, keepdim=True)) @ (P / P.norm(dim=1, keepdim=True)).T
+        S = Z
+        G, indices = torch.topk(S, layer.top_k)
+        Oc = torch.zeros_like(Xc)  # Step 4
+        NE = P.shape[0]
+        for i in range(NE):
+            m = (indices == i).any(dim=1)
+            if m.any():
+                Gi = (G[m] * (indices[m] == i)).sum(dim=1)
+                Oc[m] = Oc[m] + Gi[:, None] * ffn(Xc[m], *expert(layer.routed_experts, i))
+        O[Mc] = O[Mc] + Oc.reshape(-1, L, D)
+        # Step 5, Eq. 6: prototypes vs centroids of the tokens routed to each active expert
+        active = [i for i in range(NE) if (indices == i).any()]
+        if len(active) >= 2:
+            means = [Xc[(indices == i).any(dim=1)].mean(0) for i in active]
+            terms = []
+            for a, i in enumerate(active):
+                sims = torch.stack([F.cosine_similarity(P[i], mj, dim=0) for mj in means]) / tau
+                terms.append(-(sims[a] - torch.logsumexp(sims, 0)))
+            loss = torch.stack(terms).mean()
+    if layer.shared_experts is not None:  # Step 6
+        O = O + sum(ffn(X, *expert(layer.shared_experts, k)) for k in range(layer.shared_experts.num))
+    return O, loss
+
+
+def make_layer(spec="E6A1S1U1", dim=16, **kw):
+    layer = MoEMLP(dim, MoEConfig(router="promoe", experts=spec, expert_mlp_ratio=2.0, **kw), mlp_ratio=4.0,
+                   layer_seed=3).double()
+    layer.train()
+    return layer
+
+
+@pytest.mark.parametrize("spec", ["E6A1S1U1", "E6A2S1U1", "E7A2S1U2"])
+@pytest.mark.parametrize("with_uncond", [True, False])
+def test_layer_matches_algorithm1(spec, with_uncond):
+    torch.manual_seed(0)
+    layer = make_layer(spec)
+    null = 10
+    X = torch.randn(4, 9, 16, dtype=torch.float64, requires_grad=True)
+    c = torch.tensor([1, null, 3, null]) if with_uncond else torch.tensor([1, 2, 3, 4])
+    out, aux = layer(X, c != null)
+    ref, ref_loss = algorithm1(layer, X, c, null, 0.07)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(aux["rcl"].double(), ref_loss, rtol=1e-6, atol=1e-6)
+    # gradients of output + RCL w.r.t. input and every parameter agree with the reference
+    gy = torch.randn_like(out)
+    params = [X] + list(layer.parameters())
+    g_ours = torch.autograd.grad((out * gy).sum() + aux["rcl"], params, allow_unused=True)
+    g_ref = torch.autograd.grad((ref * gy).sum() + ref_loss, params, allow_unused=True)
+    for a, b in zip(g_ours, g_ref):
+        if b is None:
+            assert a is None or a.abs().max() == 0
+        else:
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-7)
+
+
+def test_layer_gradcheck():
+    torch.manual_seed(1)
+    layer = MoEMLP(4, MoEConfig(router="promoe", experts="E4A2S1U1", expert_mlp_ratio=1.0, rcl_weight=0.0),
+                   mlp_ratio=4.0, layer_seed=0).double().eval()
+    X = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    cond = torch.tensor([True, False])
+    assert torch.autograd.gradcheck(lambda x, p: layer(x, cond)[0] + 0 * p.sum(), (X, layer.prototypes))
+
+
+def test_rcl_by_hand():
+    # 2 experts used out of 3, tokens assigned by hand: loss is Eq. 6 over the two active experts
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    tok = torch.tensor([0, 1, 2])
+    exp = torch.tensor([0, 0, 2])
+    P = torch.tensor([[1.0, 1.0], [5.0, 5.0], [0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    tau = 0.5
+    loss = routing_contrastive_loss(x, tok, exp, P, tau)
+    # means: m0 = (2, 0), m2 = (0, 2); cos(p0, m0) = cos(p0, m2) = 1/sqrt2; cos(p2, m0) = 0, cos(p2, m2) = 1
+    s = 1 / math.sqrt(2)
+    l0 = -(s / tau - math.log(math.exp(s / tau) + math.exp(s / tau)))
+    l2 = -(1 / tau - math.log(math.exp(0.0) + math.exp(1 / tau)))
+    assert abs(loss.item() - (l0 + l2) / 2) < 1e-6
+    loss.backward()
+    assert P.grad[0].abs().sum() > 0 and P.grad[2].abs().sum() > 0
+    assert P.grad[1].abs().sum() == 0  # inactive expert's prototype untouched
+    # fewer than two active experts -> 0
+    assert routing_contrastive_loss(x, tok, torch.tensor([1, 1, 1]), P, tau).item() == 0.0
+
+
+def test_rcl_gradient_reaches_prototypes_and_tokens():
+    torch.manual_seed(0)
+    layer = make_layer("E6A2S1U1")
+    X = torch.randn(3, 8, 16, dtype=torch.float64, requires_grad=True)
+    _, aux = layer(X, torch.tensor([True, True, False]))
+    aux["rcl"].backward()
+    assert layer.prototypes.grad.abs().sum() > 0
+    assert X.grad[:2].abs().sum() > 0 and X.grad[2].abs().sum() == 0  # null-label tokens not in RCL
+
+
+def test_conditional_routing_isolation():
+    torch.manual_seed(0)
+    layer = make_layer("E6A2S1U1").eval()
+    X = torch.randn(4, 5, 16, dtype=torch.float64)
+    cond = torch.tensor([True, False, True, False])
+    base, _ = layer(X, cond)
+    with torch.no_grad():  # perturb every routed expert: null-label samples must not change
+        for p in layer.routed_experts.parameters():
+            p.add_(torch.randn_like(p))
+    after, _ = layer(X, cond)
+    torch.testing.assert_close(after[~cond], base[~cond], rtol=0, atol=0)
+    assert not torch.allclose(after[cond], base[cond])
+    with torch.no_grad():  # perturb the unconditional expert: conditional samples must not change
+        for p in layer.uncond_experts.parameters():
+            p.add_(torch.randn_like(p))
+    after2, _ = layer(X, cond)
+    torch.testing.assert_close(after2[cond], after[cond], rtol=0, atol=0)
+    assert not torch.allclose(after2[~cond], after[~cond])
+
+
+def test_baseline_routers():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 32)
+    cond = torch.tensor([True, True])
+    tc = MoEMLP(32, MoEConfig(router="tc", experts="E4A1S0U0", expert_mlp_ratio=4.0, lb_weight=0.01,
+                              rcl_weight=0.0), mlp_ratio=4.0, layer_seed=0).train()
+    y, aux = tc(x, cond)
+    assert y.shape == x.shape and aux["lb"] > 0 and aux["counts"].sum() == 32
+    ec = MoEMLP(32, MoEConfig(router="ec", experts="E4A1S0U0", expert_mlp_ratio=4.0, rcl_weight=0.0),
+                mlp_ratio=4.0, layer_seed=0).train()
+    y, aux = ec(x, cond)
+    assert aux["counts"].tolist() == [8, 8, 8, 8]  # fixed quota: capacity * k * tokens / experts
+    pec = MoEMLP(32, MoEConfig(router="promoe_ec", experts="E6A1S1U1", expert_mlp_ratio=2.0), mlp_ratio=4.0,
+                 layer_seed=0).train()
+    y, aux = pec(x, torch.tensor([True, False]))
+    assert aux["counts"].tolist() == [4, 4, 4, 4]  # quota over the 16 conditional tokens only
+    assert aux["rcl"] > 0
+
+
+# ------------------------------------------------------------------ config, presets, counts
+
+TABLE2 = {"ProMoE-S": (75e6, 33e6), "ProMoE-B": (300e6, 130e6), "ProMoE-L": (1.063e9, 458e6),
+          "ProMoE-XL": (1.568e9, 675e6)}
+
+
+@pytest.mark.parametrize("name", list(TABLE2))
+def test_param_counts_match_table2(name, capsys):
+    assert cli_main(["info", "--model", name, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    total, active = TABLE2[name]
+    assert abs(info["total_params"] / total - 1) < 0.01
+    assert abs(info["activated_params"] / active - 1) < 0.03
+
+
+def test_dense_and_large_presets():
+    dense = count_params(load_config(overrides=["model.preset=DiT-XL/2"]).model)
+    assert abs(dense["total_params"] / 675e6 - 1) < 0.01 and dense["activated_params"] == dense["total_params"]
+    big = count_params(load_config(overrides=["model.preset=ProMoE-H"]).model)
+    assert big["total_params"] >= 10e9
+    tc = count_params(load_config(overrides=["model.preset=TC-DiT-L"]).model)
+    assert abs(tc["total_params"] / 1.163e9 - 1) < 0.01  # Tab. 9: DiT-MoE-L E8A1 1.163B
+
+
+def test_expert_spec():
+    s = ExpertSpec.parse("E14A1S1U1")
+    assert (s.routed, s.top_k, s.shared, s.uncond) == (12, 1, 1, 1)
+    assert ExpertSpec.parse("E8A1S0N0").routed == 8
+    for bad in ["E2A1S1U1", "E4A5S0U0", "X14", "E14A0S1U1"]:
+        with pytest.raises(ConfigError):
+            ExpertSpec.parse(bad)
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="train.stepz"):
+        load_config(overrides=["train.stepz=3"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(overrides=["model.preset=ProMoE-XXXL"])
+    with pytest.raises(ConfigError, match="model.moe.router"):
+        load_config(overrides=["model.moe.router=magic"])
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(overrides=["train.steps=-1"])
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(overrides=["train.lr=fast"])
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  preset: ProMoE-S\n  depth: 4\n  moe:\n    experts: E6A2S1U1\n")
+    cfg = load_config(f, ["model.moe.rcl_weight=10"])
+    assert cfg.model.depth == 4 and cfg.model.hidden_size == 384 and cfg.model.moe.spec().top_k == 2
+    assert cfg.model.moe.rcl_weight == 10.0
+
+
+def test_cli_errors_are_one_line():
+    r = subprocess.run([sys.executable, "-m", "promoe_ds.cli", "info", "--model", "Nope"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unknown preset" in r.stderr
+
+
+# ------------------------------------------------------------------ the full model
+
+
+def tiny_cfg(**over):
+    items = ["model.preset=ProMoE-S", "model.depth=2", "model.hidden_size=32", "model.num_heads=2",
+             "model.input_size=8", "model.num_classes=10"] + [f"{k}={v}" for k, v in over.items()]
+    return load_config(overrides=items).model
+
+
+def test_bad_inputs():
+    model = build_model(tiny_cfg())
+    x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.randn(2, 4, 16, 16), t, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="labels"):
+        model(x, t, torch.tensor([1, 11]))
+    with pytest.raises(ValueError, match="labels"):
+        model(x, t, torch.tensor([-1, 2]))
+
+
+def test_expert_parallel_layout_same_init():
+    # a model holding half the routed experts starts from the same weights as the full model's half
+    full = build_model(tiny_cfg(), seed=5)
+    half = build_model(tiny_cfg(), seed=5, ep_size=2, ep_rank=1)
+    a = full.blocks[1].mlp.routed_experts
+    b = half.blocks[1].mlp.routed_experts
+    assert b.num == a.num // 2 and b.first_id == a.num // 2
+    torch.testing.assert_close(b.w1, a.w1[a.num // 2:])
+    torch.testing.assert_close(half.blocks[0].attn.qkv.weight, full.blocks[0].attn.qkv.weight)
+
+
+def test_parameter_names():
+    model = build_model(tiny_cfg())
+    names = [n for n, _ in model.named_parameters()]
+    layer = "blocks.1.mlp."
+    for part in ("routed_experts", "uncond_experts", "shared_experts", "prototypes"):
+        assert any(n.startswith(layer + part) for n in names), part
+
+
+def test_promoe_s_forward_backward_batch8():
+    cfg = load_config(overrides=["model.preset=ProMoE-S"]).model
+    model = build_model(cfg).train()
+    with torch.no_grad():  # adaLN-Zero starts with closed gates; open them so gradients reach the experts
+        for blk in model.blocks:
+            blk.adaLN_modulation[-1].weight.normal_(std=0.02)
+        model.final_layer.linear.weight.normal_(std=0.02)
+    x = torch.randn(8, 4, 32, 32)
+    y = torch.tensor([0, 5, 1000, 7, 1000, 3, 2, 1])
+    out, aux = model(x, torch.rand(8) * 1000, y)
+    assert out.shape == (8, 8, 32, 32)
+    (out.square().mean() + aux["aux_loss"]).backward()
+    assert aux["counts"].shape == (6, 12) and aux["counts"].sum() == 6 * 6 * 256
+    assert model.blocks[1].mlp.prototypes.grad is not None
+    assert model.blocks[1].mlp.uncond_experts.w1.grad.abs().sum() > 0
