@@ -258,6 +258,19 @@ def test_sampling_determinism_and_per_row_generators():
     torch.testing.assert_close(rows[1:2], alone, rtol=0, atol=1e-6)
 
 
+def test_two_step_sampler_by_hand():
+    """steps = 2 keeps t in {0, 999}: x <- mu_1 + sigma_1 z with z the generator's first draw, then x <- mu_0."""
+    obj = GaussianDiffusion()
+    proc = obj.respaced(2)
+    model_fn = lambda x, t: torch.cat([0.1 * x, torch.full_like(x, 0.5)], 1)
+    noise = torch.randn(2, 4, 2, 2, generator=_gen(0), dtype=torch.float64)
+    z = torch.randn(noise.shape, generator=_gen(7)).double()
+    mean1, log_var1 = proc.p_mean_variance(model_fn(noise, None), noise, torch.tensor([1, 1]))
+    x = mean1 + torch.exp(0.5 * log_var1) * z
+    expected, _ = proc.p_mean_variance(model_fn(x, None), x, torch.tensor([0, 0]))
+    torch.testing.assert_close(obj.sample(model_fn, noise, 2, generator=_gen(7)), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_hybrid_loss_trains_a_tiny_model():
     """A few hundred steps of a tiny per-pixel MLP on toy latents lower both loss terms by a margin."""
     torch.manual_seed(0)
