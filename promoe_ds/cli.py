@@ -44,6 +44,12 @@ def cmd_info(args) -> None:
         print(f"  MoE blocks {counts['moe_blocks']} (others dense)")
 
 
+def cmd_train(args) -> int:
+    from promoe_ds.train import main as train_main
+
+    return train_main(args.config, args.overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="promoe-ds", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -53,17 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML config (its model section)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("train", help="train on DeepSpeed (one process per device; see README for launchers)")
+    s.add_argument("--config", help="YAML config file")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 train.ep_size=2")
+    s.set_defaults(func=cmd_train)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -127,9 +127,10 @@ class MoEMLP(nn.Module):
         out = self.shared_experts.forward_all(xf) if self.shared_experts is not None else torch.zeros_like(xf)
         tok_cond = cond.repeat_interleave(l)
         if self.uncond_experts is not None:  # conditional routing: hard, gate 1 (Eq. 5, lower branch)
+            # run even on zero tokens: every rank must produce a gradient for every parameter, in the same
+            # order, or DeepSpeed's gradient buckets differ between ranks
             idx_u = (~tok_cond).nonzero().squeeze(1)
-            if idx_u.numel():
-                out = out.index_add(0, idx_u, self.uncond_experts.forward_all(xf[idx_u]).to(out.dtype))
+            out = out.index_add(0, idx_u, self.uncond_experts.forward_all(xf[idx_u]).to(out.dtype))
             idx_c = tok_cond.nonzero().squeeze(1)
         else:  # no unconditional experts: every token is routed
             idx_c = torch.arange(b * l, device=x.device)

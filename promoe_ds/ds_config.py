@@ -1,0 +1,87 @@
+"""The DeepSpeed config a run uses: a base JSON from ``ds_configs/`` (ZeRO stage, buckets, offload)
+plus the keys promoe-ds owns and fills from ``train.*`` (batch sizes, optimizer, clipping,
+precision). Everything is checked here, before any process group or model exists, so a mistake
+is one line naming the key instead of a traceback from inside DeepSpeed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from promoe_ds.config import ConfigError, TrainConfig
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+# keys promoe-ds sets from train.* (a base JSON must not set them: one source of truth)
+OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+         "scheduler", "gradient_clipping", "bf16", "fp16")
+# other top-level DeepSpeed keys a base JSON may set
+ALLOWED = ("zero_optimization", "steps_per_print", "wall_clock_breakdown", "communication_data_type",
+           "prescale_gradients", "gradient_predivide_factor", "zero_allow_untested_optimizer", "data_types",
+           "flops_profiler", "comms_logger", "memory_breakdown", "checkpoint", "dump_state", "timers",
+           "activation_checkpointing", "seq_parallel_communication_data_type", "zero_force_ds_cpu_optimizer")
+
+
+def batch_layout(train: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(micro batch per rank, gradient accumulation steps) for the global batch, or ConfigError."""
+    g = train.global_batch
+    micro = train.micro_batch or g // world_size
+    if micro < 1 or g % (micro * world_size):
+        raise ConfigError(f"train.global_batch: {g} does not divide into micro-batch {micro} x {world_size} ranks "
+                          f"(x gradient accumulation); choose a multiple of {world_size * max(micro, 1)}")
+    return micro, g // (micro * world_size)
+
+
+def base_config(train: TrainConfig) -> tuple[dict, str]:
+    if train.ds_config:
+        path = Path(train.ds_config)
+    else:
+        path = DS_CONFIG_DIR / (f"zero{train.zero_stage}" + ("_offload" if train.offload_optimizer else "") + ".json")
+    if not path.is_file():
+        raise ConfigError(f"train.ds_config: file {str(path)!r} does not exist")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.ds_config: {str(path)!r} is not valid JSON ({e})") from None
+    for key in cfg:
+        if key in OWNED:
+            raise ConfigError(f"ds_config key {key!r} in {str(path)!r} is set by promoe-ds from train.* keys; remove it")
+        if key not in ALLOWED:
+            raise ConfigError(f"unknown ds_config key {key!r} in {str(path)!r} (allowed: {', '.join(ALLOWED)})")
+    return cfg, str(path)
+
+
+def build_ds_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict:
+    from pydantic import ValidationError
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    cfg, path = base_config(train)
+    zero = cfg.setdefault("zero_optimization", {})
+    try:
+        zcfg = DeepSpeedZeroConfig(**zero)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(f"ds_config zero_optimization.{'.'.join(map(str, err['loc']))} in {path!r}: "
+                          f"{err['msg']}") from None
+    if int(zcfg.stage) not in (0, 1, 2):
+        raise ConfigError(f"ds_config zero_optimization.stage: {int(zcfg.stage)} is not supported "
+                          "(ZeRO-3 partitions expert weights DeepSpeed's native MoE cannot handle); use 1 or 2")
+    micro, gas = batch_layout(train, world_size)
+    bf16 = train.precision == "bf16" or (train.precision == "auto" and on_gpu)
+    offload = zcfg.offload_optimizer is not None and str(zcfg.offload_optimizer.device) not in ("none",
+                                                                                                 "OffloadDeviceEnum.none")
+    cfg.update({
+        "train_batch_size": train.global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": train.grad_clip,
+        "bf16": {"enabled": bf16},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": train.lr, "betas": list(train.betas), "eps": 1e-8, "weight_decay": train.weight_decay,
+            **({} if offload else {"torch_adam": True})}},
+    })
+    if train.warmup_steps:
+        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": train.lr,
+                                                           "warmup_num_steps": train.warmup_steps,
+                                                           "warmup_type": "linear"}}
+    return cfg

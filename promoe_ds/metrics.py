@@ -1,0 +1,104 @@
+"""Training metrics: a progress line on rank 0, ``metrics.jsonl`` in the run directory, and wandb.
+
+Scalars are averaged over the ranks and the steps since the last log; the expert load (fraction of
+assignments each routed expert received, per MoE layer) is summed over all ranks.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# dense bf16 peak of the GPUs MFU is reported for (TFLOP/s)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def train_flops_per_image(model_cfg, activated_params: int) -> float:
+    """fwd+bwd = 3 x forward; forward = 2 FLOPs per activated weight per token + attention scores."""
+    tokens = (model_cfg.input_size // model_cfg.patch_size) ** 2
+    attn = 4 * tokens * tokens * model_cfg.hidden_size * model_cfg.depth
+    return 3 * (2 * activated_params * tokens + attn)
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: Path, rank: int, device: torch.device, global_batch: int, world_size: int,
+                 flops_per_image: float, wandb_cfg, run_config: dict):
+        self.rank, self.device, self.global_batch, self.world = rank, device, global_batch, world_size
+        self.flops_per_image, self.peak = flops_per_image, peak_flops(device)
+        self.sums: dict[str, float] = {}
+        self.load = None
+        self.n = 0
+        self.t0 = time.time()
+        self.jsonl = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
+        self.wandb = None
+        if rank == 0 and wandb_cfg.mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(mode=wandb_cfg.mode, project=wandb_cfg.project, name=wandb_cfg.name or None,
+                                    dir=wandb_cfg.dir or str(out_dir), config=run_config, resume="allow")
+
+    def add(self, scalars: dict[str, float], counts: torch.Tensor | None) -> None:
+        for k, v in scalars.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        if counts is not None:
+            c = counts.detach().to(torch.float64)
+            self.load = c if self.load is None else self.load + c
+        self.n += 1
+
+    def log(self, step: int, extra: dict[str, float]) -> dict:
+        """Reduce over ranks and print/write; call on every rank."""
+        keys = sorted(self.sums)
+        vec = torch.tensor([self.sums[k] / max(self.n, 1) for k in keys], dtype=torch.float64)
+        load = self.load.cpu() if self.load is not None else None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dev = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            vec = vec.to(dev)
+            dist.all_reduce(vec)
+            vec = vec.cpu() / dist.get_world_size()
+            if load is not None:
+                load = load.to(dev)
+                dist.all_reduce(load)
+                load = load.cpu()
+        elapsed = time.time() - self.t0
+        ips = self.global_batch * self.n / max(elapsed, 1e-9)
+        rec = {"step": step, **dict(zip(keys, vec.tolist())), **extra, "img_per_sec": ips,
+               "img_per_sec_per_gpu": ips / self.world, "world_size": self.world, "global_batch": self.global_batch,
+               "time": time.time()}
+        if self.peak:
+            rec["mfu"] = ips / self.world * self.flops_per_image / self.peak
+        if load is not None:
+            frac = load / load.sum(1, keepdim=True).clamp(min=1)
+            rec["expert_load"] = [[round(v, 4) for v in row] for row in frac.tolist()]
+            rec["router/load_max_over_mean"] = float((frac.max(1).values * frac.shape[1]).mean())
+            rec["router/unused_experts"] = int((load == 0).sum())
+        if self.rank == 0:
+            parts = " | ".join(f"{k} {rec[k]:.4f}" for k in keys)
+            mfu = f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else ""
+            print(f"step {step:>7d} | {parts} | grad_norm {rec.get('grad_norm', float('nan')):.3f} | "
+                  f"lr {rec.get('lr', 0):.2e} | {ips:.1f} img/s{mfu}", flush=True)
+            self.jsonl.write(json.dumps(rec) + "\n")
+            self.jsonl.flush()
+            if self.wandb is not None:
+                flat = {k: v for k, v in rec.items() if isinstance(v, (int, float))}
+                if load is not None:
+                    for i, row in enumerate(frac.tolist()):
+                        flat.update({f"expert_load/layer{i}/e{j}": v for j, v in enumerate(row)})
+                self.wandb.log(flat, step=step)
+        self.sums, self.load, self.n, self.t0 = {}, None, 0, time.time()
+        return rec
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()

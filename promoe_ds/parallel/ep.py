@@ -1,0 +1,151 @@
+"""Expert parallelism on DeepSpeed's own expert / expert-data groups.
+
+Routed experts are split over an expert-parallel (EP) group of ``ep_size`` consecutive ranks
+(DeepSpeed's layout: EP group ``[0, 1], [2, 3], ...``; expert-data-parallel group ``[0, 2, ...],
+[1, 3, ...]``). Tokens travel to the rank that owns their expert with ``all_to_all_single`` using
+per-rank token counts (dropless: no capacity, no token dropped) and come back the same way; the
+backward pass is the reverse exchange. Shared and unconditional experts, prototypes and the rest
+of the model stay replicated.
+
+DeepSpeed must treat routed-expert parameters as expert parameters (gradients averaged only over
+the expert-data-parallel group, ZeRO partitions in their own groups, broadcast inside that group).
+It does so for parameters marked ``allreduce=False`` / ``group_name`` once the engine sees an
+instance of ``deepspeed.moe.layer.MoE`` in the model: ``ExpertParamsMarker`` is that instance. It
+holds no weights and does no compute; promoe-ds saves expert weights itself (see checkpoint.py),
+so DeepSpeed's per-expert files are not used.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from deepspeed.moe.layer import MoE
+from deepspeed.utils import groups
+
+from promoe_ds.models.dit import DiT
+from promoe_ds.models.experts import ExpertGroup
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; backward sends gradients back along the same routes."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits),) + x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        back = grad.new_empty((sum(in_splits),) + grad.shape[1:])
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a group; the gradient of every rank's copy is summed back (d/dx_r of sum_r x_r)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class AllReduceStats:
+    """``reduce_stats`` hook of MoEMLP: routing statistics summed over the data-parallel world, so
+    the RCL means (Eq. 6) are those of the global micro-batch whatever the world size."""
+
+    def __init__(self, group=None):
+        self.group = group
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return _AllReduceSum.apply(t, self.group)
+
+
+class AllToAllDispatch:
+    """``dispatch`` hook of MoEMLP under expert parallelism: expert ``e`` lives on EP rank
+    ``e // num_local``; tokens are exchanged, computed grouped by local expert, and sent back."""
+
+    def __init__(self, group, ep_size: int, num_local: int):
+        self.group, self.ep_size, self.num_local = group, ep_size, num_local
+        self.last_recv_counts = None  # [ep_size, num_local] tokens received last call (for tests/stats)
+
+    def __call__(self, experts: ExpertGroup, x, tok, exp, gate):
+        order = torch.argsort(exp, stable=True)
+        tok = tok[order]
+        counts = torch.bincount(exp, minlength=self.ep_size * self.num_local)
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)  # row j: what rank j sends me
+        recv_counts = recv_counts.view(self.ep_size, self.num_local)
+        self.last_recv_counts = recv_counts
+        in_splits = counts.view(self.ep_size, self.num_local).sum(1).tolist()
+        out_splits = recv_counts.sum(1).tolist()
+        recv = _AllToAll.apply(x[tok], out_splits, in_splits, self.group)
+        # received tokens are ordered (source rank, local expert): regroup by local expert
+        local_id = torch.repeat_interleave(torch.arange(self.num_local, device=x.device).repeat(self.ep_size),
+                                           recv_counts.flatten())
+        regroup = torch.argsort(local_id, stable=True)
+        ys = experts(recv[regroup], recv_counts.sum(0))
+        ys = ys[torch.argsort(regroup)]
+        back = _AllToAll.apply(ys, in_splits, out_splits, self.group)
+        back = back * gate[order, None].to(back.dtype)
+        return torch.zeros_like(x).index_add_(0, tok, back.to(x.dtype))
+
+
+class ExpertParamsMarker(MoE):
+    """Makes DeepSpeed's engine enable its MoE handling (``has_moe_layers``) for the expert
+    parameters marked in this model. No weights, no forward."""
+
+    def __init__(self, num_experts: int, ep_size: int):
+        nn.Module.__init__(self)  # deliberately not MoE.__init__: we bring our own layer
+        self.num_experts, self.ep_size = num_experts, ep_size
+        self.expert_group_name = group_name(ep_size)
+        self.num_local_experts = 0  # DeepSpeed writes/reads no per-expert files for this module
+        self.enable_expert_tensor_parallelism = False
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """The engine calls this on MoE modules; the groups already exist (create_groups)."""
+
+
+def group_name(ep_size: int) -> str:
+    return f"ep_size_{ep_size}"
+
+
+def create_groups(ep_size: int) -> int:
+    """DeepSpeed's expert and expert-data-parallel groups; returns this rank's EP rank."""
+    name = group_name(ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_rank(name)
+
+
+def apply_expert_parallel(model: DiT, ep_size: int) -> None:
+    """Mark routed-expert parameters for DeepSpeed and install the distributed hooks on every MoE
+    layer. The model must have been built with this rank's ``ep_rank`` (see create_groups)."""
+    name = group_name(ep_size)
+    ep_group = groups._get_expert_parallel_group(name)
+    layers = model.moe_layers()
+    for layer in layers:
+        for p in layer.routed_experts.parameters():
+            p.allreduce = False
+            p.group_name = name
+        if ep_size > 1:
+            layer.dispatch = AllToAllDispatch(ep_group, ep_size, layer.routed_experts.num)
+        if dist.get_world_size() > 1:
+            layer.reduce_stats = AllReduceStats()
+    if layers:
+        model.ds_expert_marker = ExpertParamsMarker(layers[0].spec.routed, ep_size)
+
+
+def is_expert_param_name(name: str) -> bool:
+    return ".routed_experts." in name

@@ -1,0 +1,221 @@
+"""Training on the DeepSpeed engine: ZeRO-1/2, expert parallelism, EMA, exact resume.
+
+One process per device (started by ``deepspeed``, ``torchrun`` or ``srun``). Per step, every
+random draw (noise, timesteps, label dropout) is made for the GLOBAL batch from a generator seeded
+by (seed, step, micro-step) and each rank takes its rows: a run's trajectory does not depend on
+its world size or ep_size, and a resumed run continues exactly where it stopped.
+
+Exit status: 0 when ``train.steps`` is reached, 99 when a SIGTERM / SIGUSR1 made it checkpoint
+and stop (the Slurm template requeues the job on 99).
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import promoe_ds
+from promoe_ds import checkpoint as ckpt
+from promoe_ds.config import Config, ConfigError, to_dict
+from promoe_ds.data import build_latent_source
+from promoe_ds.diffusion import build_objective
+from promoe_ds.ds_config import batch_layout, build_ds_config
+from promoe_ds.ema import EMA
+from promoe_ds.metrics import MetricsLogger, train_flops_per_image
+from promoe_ds.models.dit import build_model, count_params
+from promoe_ds.models.experts import resolve_backend
+from promoe_ds.parallel.launch import init_distributed
+
+PREEMPTED_EXIT = 99
+
+
+def preflight(cfg: Config, world_size: int) -> None:
+    """Layout and input mistakes, before any weight is built."""
+    t, moe = cfg.train, cfg.model.moe
+    if cfg.data.source == "wds" and not (Path(cfg.data.path) / "manifest.json").is_file():
+        raise ConfigError(f"data.path: no manifest.json in {cfg.data.path!r} (make shards with python -m data_prep.encode)")
+    if world_size % t.ep_size:
+        raise ConfigError(f"train.ep_size: {t.ep_size} does not divide the world size {world_size}")
+    if moe.router == "none":
+        if t.ep_size != 1:
+            raise ConfigError(f"train.ep_size: {t.ep_size} > 1 but the model is dense (model.moe.router=none)")
+    elif moe.spec().routed % t.ep_size:
+        raise ConfigError(f"train.ep_size: {t.ep_size} does not divide the {moe.spec().routed} routed experts "
+                          f"of {moe.experts}")
+    batch_layout(t, world_size)
+
+
+def step_draws(objective, cfg: Config, step: int, micro: int, global_micro: int, latent_shape, rank: int,
+               local: int) -> dict:
+    """This rank's rows of the global micro-batch's random draws (noise, timesteps, label drop)."""
+    g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + micro)
+    draws = objective.draw(global_micro, latent_shape, g)
+    draws["drop"] = torch.rand(global_micro, generator=g) < cfg.objective.class_dropout
+    return {k: v[rank * local:(rank + 1) * local] for k, v in draws.items()}
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 -> checkpoint at the end of the current step, then exit 99."""
+
+    def __init__(self):
+        self.set = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.set = True
+
+    def agreed(self, device) -> bool:  # every rank stops at the same step
+        flag = torch.tensor([float(self.set)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train(cfg: Config) -> int:
+    info = init_distributed()
+    import deepspeed
+    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups
+
+    t, rank, world, device = cfg.train, info.rank, info.world_size, info.device
+    on_gpu = device.type == "cuda"
+    preflight(cfg, world)
+    ds_cfg = build_ds_config(t, world, on_gpu)
+    micro, gas = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
+    out_dir = Path(t.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    resume_dir = ckpt.find_resume(ckpt_dir, t.resume)
+    if resume_dir is not None:
+        meta = json.loads((resume_dir / ckpt.META).read_text())
+        ckpt.check_layout(meta, world, t.ep_size, ds_cfg["zero_optimization"].get("stage", 0), resume_dir)
+    m = cfg.model
+    latent_shape = (m.in_channels, m.input_size, m.input_size)
+    data = build_latent_source(cfg.data, latent_shape=latent_shape, num_classes=m.num_classes, micro_batch=micro,
+                               rank=rank, world_size=world, seed=t.seed)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+
+    is_moe = m.moe.router != "none"
+    ep_rank = create_groups(t.ep_size) if is_moe else 0
+    model = build_model(m, seed=t.seed, ep_size=t.ep_size, ep_rank=ep_rank)
+    backend = resolve_backend(m.moe.backend, device)
+    for layer in model.moe_layers():
+        layer.routed_experts.backend = backend
+    model.grad_checkpoint = t.grad_checkpoint
+    if t.init_from and resume_dir is None:
+        from promoe_ds.export import load_into
+
+        load_into(model, t.init_from)
+    if is_moe:
+        apply_expert_parallel(model, t.ep_size)
+    model.to(device)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_cfg)
+    ema = EMA(model, t.ema_decay)
+    objective = build_objective(cfg.objective)
+    expert_writer = (rank // t.ep_size) == 0  # first expert-data-parallel replica of each EP rank
+
+    start = 0
+    if resume_dir is not None:
+        _, rank_state = ckpt.load(engine, model, ema, resume_dir, rank=rank, ep_rank=ep_rank)
+        start = int(json.loads((resume_dir / ckpt.META).read_text())["step"])
+        data.load_state_dict(rank_state["data"])
+        torch.set_rng_state(rank_state["rng"]["torch"])
+        if rank == 0:
+            print(f"resumed from {resume_dir.name} at step {start}", flush=True)
+
+    forward = engine
+    if t.compile:
+        forward = torch.compile(engine.module)
+    stop = StopFlag()
+    counts = count_params(m)
+    logger = MetricsLogger(out_dir, rank, device, t.global_batch, world,
+                           train_flops_per_image(m, counts["activated_params"]), cfg.wandb, to_dict(cfg))
+    if rank == 0:
+        print(f"promoe-ds {promoe_ds.__version__}: {m.preset or 'custom'} "
+              f"{counts['total_params'] / 1e6:.1f}M params ({counts['activated_params'] / 1e6:.1f}M activated), "
+              f"world {world}, ep_size {t.ep_size}, ZeRO-{ds_cfg['zero_optimization'].get('stage', 0)}, "
+              f"micro-batch {micro} x grad-accum {gas}, {'bf16' if ds_cfg['bf16']['enabled'] else 'fp32'}, "
+              f"experts '{backend}', steps {start} -> {t.steps}", flush=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu and ds_cfg["bf16"]["enabled"])
+
+    def save(step: int) -> None:
+        meta = {"step": step, "world_size": world, "ep_size": t.ep_size,
+                "zero_stage": ds_cfg["zero_optimization"].get("stage", 0), "config": to_dict(cfg),
+                "objective": cfg.objective.name, "version": promoe_ds.__version__}
+        rank_state = {"data": data.state_dict(), "rng": {"torch": torch.get_rng_state()},
+                      "param_digest": ckpt.param_digest(model)}
+        ckpt.save(engine, model, ema, ckpt_dir, step, meta, rank_state, rank=rank, ep_rank=ep_rank,
+                  expert_writer=expert_writer, keep_last=t.keep_last)
+
+    bad_in_a_row, skipped = 0, 0
+    step = start
+    while step < t.steps:
+        bad = False
+        for mi in range(gas):
+            x0, y = data.next_batch()
+            draws = step_draws(objective, cfg, step, mi, micro * world, latent_shape, rank, micro)
+            x0, y = x0.to(device), y.to(device)
+            y = torch.where(draws.pop("drop").to(device), torch.full_like(y, m.num_classes), y)
+            draws = {k: v.to(device) for k, v in draws.items()}
+            aux = {}
+
+            def model_fn(xt, tt):
+                out, a = forward(xt, tt, y)
+                aux.update(a)
+                return out
+
+            with autocast:
+                losses = objective.training_losses(model_fn, x0, draws)
+            loss = losses["loss"] + aux["aux_loss"]
+            finite = torch.isfinite(loss.detach()).float()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() == 0 or bad:
+                bad = True  # keep DeepSpeed's accumulation count: zero gradient for this micro-batch
+                loss = sum(p.sum() for p in model.parameters()) * 0.0
+            engine.backward(loss)
+            engine.step()
+            if not bad:
+                logger.add({"loss": losses["loss"].item(), "rcl": aux["rcl"].item(), "lb": aux["lb"].item(),
+                            **{k: float(v) for k, v in losses.items() if k != "loss"}}, aux.get("counts"))
+        step += 1
+        if bad:
+            skipped += 1
+            bad_in_a_row += 1
+            if rank == 0:
+                print(f"step {step}: non-finite loss, update skipped ({bad_in_a_row} in a row, {skipped} total)",
+                      flush=True)
+            if bad_in_a_row >= t.max_bad_steps:
+                raise RuntimeError(f"{bad_in_a_row} non-finite losses in a row at step {step}: aborting "
+                                   f"(train.max_bad_steps={t.max_bad_steps}); last good checkpoint in {ckpt_dir}")
+        else:
+            bad_in_a_row = 0
+            ema.update()
+        if step % t.log_every == 0 or step == t.steps:
+            logger.log(step, {"grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                              "lr": engine.get_lr()[0], "skipped_steps": skipped,
+                              **{f"data/{k}": v for k, v in data.stats.items()}})
+        stopping = stop.agreed(device)
+        if step % t.ckpt_every == 0 or step == t.steps or stopping:
+            save(step)
+        if stopping:
+            if rank == 0:
+                print(f"stopped by signal at step {step}: checkpoint written, exit {PREEMPTED_EXIT}", flush=True)
+            logger.close()
+            return PREEMPTED_EXIT
+    logger.close()
+    return 0
+
+
+def main(config_path: str | None, overrides: list[str]) -> int:
+    from promoe_ds.config import load_config
+
+    cfg = load_config(config_path, overrides)
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else None, sys.argv[2:]))

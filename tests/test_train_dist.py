@@ -1,0 +1,159 @@
+"""Distributed training on the real DeepSpeed engine, several gloo processes on the CPU."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dist_utils import REPO, TINY, free_port, launch, metrics, run
+from promoe_ds.config import MoEConfig, load_config
+from promoe_ds.models.dit import build_model
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["train.global_batch=8", "train.log_every=1", "train.seed=3", "objective.class_dropout=0.25"]
+
+
+def load_full(tag_dir):
+    """Every parameter of the model from a checkpoint: dense file + the experts of every EP rank."""
+    own = tag_dir / "promoe"
+    state = {n: e["model"] for n, e in torch.load(own / "dense.pt").items()}
+    shards = sorted(own.glob("experts_ep*.pt"))
+    parts = {}
+    for f in shards:
+        for n, e in torch.load(f)["params"].items():
+            parts.setdefault(n, []).append(e["model"])
+    state.update({n: torch.cat(v) for n, v in parts.items()})
+    return state, len(shards)
+
+
+def test_ep2_zero2_matches_single_process(tmp_path):
+    steps = ["train.steps=3", "train.ckpt_every=3"]
+    run(1, COMMON + steps + ["train.ep_size=1", f"train.out_dir={tmp_path / 'one'}"], tmp_path / "log1")
+    run(2, COMMON + steps + ["train.ep_size=2", f"train.out_dir={tmp_path / 'two'}", "wandb.mode=offline"],
+        tmp_path / "log2")
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in m2] == [1, 2, 3]
+    for a, b in zip(m1, m2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["rcl"] == pytest.approx(a["rcl"], rel=1e-4, abs=1e-6)
+    assert m1[-1]["loss"] != m1[0]["loss"]  # it trained
+    tag1, tag2 = tmp_path / "one/checkpoints/step_00000003", tmp_path / "two/checkpoints/step_00000003"
+    s1, n1 = load_full(tag1)
+    s2, n2 = load_full(tag2)
+    assert (n1, n2) == (1, 2) and s1.keys() == s2.keys()
+    init = dict(build_model(load_config(TINY, COMMON).model, seed=3).named_parameters())
+    for name in s1:
+        torch.testing.assert_close(s2[name], s1[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert not torch.equal(s1["blocks.1.mlp.routed_experts.w1"], init["blocks.1.mlp.routed_experts.w1"])
+    # replicated weights identical on both ranks, routed experts different (each rank its own slice)
+    d0 = torch.load(tag2 / "promoe/rank00000.pt", weights_only=False)["param_digest"]
+    d1 = torch.load(tag2 / "promoe/rank00001.pt", weights_only=False)["param_digest"]
+    for name in d0:
+        if ".routed_experts.w" in name:
+            assert d0[name] != d1[name], name
+        else:
+            assert d0[name] == d1[name], name
+    assert list((tmp_path / "two").glob("wandb/offline-run-*")), "wandb offline run not written"
+
+
+def _dispatch_worker(rank, world, port, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from promoe_ds.models.moe import MoEMLP
+    from promoe_ds.parallel.ep import AllToAllDispatch, AllReduceStats
+
+    cfg = MoEConfig(router="promoe", experts="E6A2S1U1", expert_mlp_ratio=2.0)
+    full = MoEMLP(16, cfg, mlp_ratio=4.0, layer_seed=1).double().train()
+    part = MoEMLP(16, cfg, mlp_ratio=4.0, layer_seed=1, ep_size=2, ep_rank=rank).double().train()
+    part.load_state_dict({k: (v[rank * 2:(rank + 1) * 2] if "routed" in k else v) for k, v in full.state_dict().items()})
+    part.dispatch = AllToAllDispatch(dist.group.WORLD, 2, 2)
+    part.reduce_stats = AllReduceStats()
+    torch.manual_seed(100 + rank)  # each rank its own tokens
+    x = torch.randn(3, 10, 16, dtype=torch.float64, requires_grad=True)
+    cond = torch.tensor([True, rank == 0, True])
+    y, aux = part(x, cond)
+    y.square().sum().backward()
+    recv = part.dispatch.last_recv_counts.clone()
+    sent = aux["counts"].clone()
+    dist.all_reduce(recv)
+    dist.all_reduce(sent)
+    # reference: the same tokens through the full layer on this rank alone
+    xr = x.detach().clone().requires_grad_()
+    yr, _ = full(xr, cond)
+    yr.square().sum().backward()  # backward through the all-to-all equals the local layer's backward
+    q.put((rank, torch.allclose(y, yr, atol=1e-12), int(recv.sum()), int(sent.sum()),
+           int((cond.sum() * 10 * 2).item()), torch.allclose(x.grad, xr.grad, atol=1e-10), float(x.grad.abs().sum())))
+    dist.destroy_process_group()
+
+
+def test_all_to_all_dispatch_is_dropless_and_exact():
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_dispatch_worker, args=(r, 2, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    total_routed = sum(r[4] for r in results)
+    for rank, same, recv, sent, _, same_grad, grad_mass in results:
+        assert same, f"rank {rank}: expert-parallel output differs from the local layer"
+        assert recv == sent == total_routed  # every routed (token, expert) pair arrived: nothing dropped
+        assert same_grad and grad_mass > 0, f"rank {rank}: gradients differ from the local layer"
+
+
+def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
+    steps = ["train.steps=8", "train.ckpt_every=100"]
+    run(2, COMMON + steps + [f"train.out_dir={tmp_path / 'ref'}"], tmp_path / "logref")
+    ref = {r["step"]: r["loss"] for r in metrics(tmp_path / "ref")}
+
+    out = tmp_path / "cut"
+    (tmp_path / "logcut").mkdir()
+    procs = launch(2, COMMON + steps + [f"train.out_dir={out}", "train.steps=100000"], log_dir=tmp_path / "logcut")
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until it has trained a few steps, then preempt
+        if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 3:
+            break
+        time.sleep(0.2)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [99, 99], (tmp_path / "logcut/rank0.log").read_text()[-3000:]
+    stopped = int((out / "checkpoints/latest").read_text().strip().split("_")[1])
+    assert 3 <= stopped < 8
+    run(2, COMMON + steps + [f"train.out_dir={out}"], tmp_path / "logres")
+    assert f"resumed from step_{stopped:08d} at step {stopped}" in (tmp_path / "logres/rank0.log").read_text()
+    resumed = {r["step"]: r["loss"] for r in metrics(out) if r["step"] > stopped}
+    assert sorted(resumed) == list(range(stopped + 1, 9))
+    for s, loss in resumed.items():
+        assert loss == ref[s], f"step {s}: resumed {loss} != uninterrupted {ref[s]}"
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.ep_size=3", "train.ep_size"),
+    ("train.global_batch=7", "train.global_batch"),
+    ("data.source=wds data.path=/nonexistent", "data.path"),
+    ("train.ds_config=ds_configs/bad_test.json", "unknown ds_config key"),
+])
+def test_bad_configs_fail_before_training(tmp_path, override, needle):
+    bad = REPO / "ds_configs" / "bad_test.json"
+    if "bad_test" in override:
+        bad.write_text('{"zero_optimization": {"stage": 2}, "trian_batch_size": 8}')
+    try:
+        env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()))
+        r = subprocess.run([sys.executable, "-m", "promoe_ds.cli", "train", "--config", "configs/tiny_cpu.yaml",
+                            f"train.out_dir={tmp_path}", "train.ep_size=1", *override.split()], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    finally:
+        bad.unlink(missing_ok=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and needle in err[0], r.stderr[-2000:]
+    assert not (tmp_path / "metrics.jsonl").exists()
