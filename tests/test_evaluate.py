@@ -129,6 +129,10 @@ def test_inception_score_confident_distinct_classes_is_number_of_classes():
     assert mean == pytest.approx(k, rel=1e-6) and std < 1e-6
     # all samples confidently the same class: no diversity, IS = 1
     assert ev.inception_score(60.0 * np.tile(np.eye(k)[:1], (50, 1)))[0] == pytest.approx(1.0, rel=1e-6)
+    # the score is computed per consecutive split: two single-class halves give 1 per split, not 2
+    halves = 60.0 * np.repeat(np.eye(2), 20, axis=0)
+    assert ev.inception_score(halves, splits=2)[0] == pytest.approx(1.0, rel=1e-6)
+    assert ev.inception_score(halves, splits=1)[0] == pytest.approx(2.0, rel=1e-6)
 
 
 # --- precision / recall -----------------------------------------------------------------------------
