@@ -1,0 +1,346 @@
+"""Latent batches for the trainer: a synthetic source (no files) and a WebDataset shard source.
+
+``build_latent_source(...)`` returns an object with ``next_batch() -> (latents, labels)``: float32
+``[micro_batch, C, H, W]`` already multiplied by the VAE scale factor, and int64 ``[micro_batch]``.
+Both sources are infinite, deterministic for a given seed, and resumable via ``state_dict()``.
+
+Shard source (``data.source: wds``), over the shards of ``<data.path>/manifest.json`` written by
+``python -m data_prep.encode``:
+
+* Epochs. Epoch ``e`` gives every (rank, dataloader worker) pair, a *slot*, its own list of shards.
+  ``resampled: false``: the shards are permuted with ``seed`` and ``e`` and dealt out to the
+  ``world_size * num_workers`` slots, so each sample is read exactly once per epoch across all
+  ranks. ``resampled: true``: each slot draws ``ceil(shards / slots)`` shards with replacement, a
+  "virtual epoch" of about the same size. Each slot reads its shards in order through a shuffle
+  buffer (seeded by seed, epoch, rank, worker), picks one of the two stored views per sample (the
+  flip augmentation) and draws z = mean + exp(logvar / 2) * eps with a generator seeded per batch.
+* Order. Every worker of a rank yields the same number of batches per epoch (padded with short or
+  empty batches when its shards hold fewer samples), so the DataLoader's round-robin order is fixed;
+  ``next_batch`` re-cuts that stream into ``micro_batch`` rows, so an epoch's tail and the next
+  epoch's head may share a batch.
+* Resume position (``state_dict``): ``{"epoch", "batch", "offset"}`` = the next sample to return is
+  row ``offset`` of worker batch ``batch`` of epoch ``epoch`` of this rank's stream. Loading it
+  rebuilds epoch ``epoch``, lets each worker skip its consumed batches (raw tar reading through the
+  shuffle buffer, no decoding) and drops ``offset`` rows: the following batches are bit-identical to
+  an uninterrupted run, provided world size, num_workers, micro_batch, seed, shuffle_buffer,
+  resampled and the shard list are unchanged (checked via ``layout``). If they changed, the source
+  warns and restarts the saved epoch from its start (samples of that epoch may repeat or be missed).
+  Resuming costs at most one epoch's share of reading for this rank.
+* Bad data. A shard that is missing at start is left out and counted; one that fails while being
+  read (missing, truncated, not a tar) is skipped for the rest of that read with a warning and
+  counted in ``stats["bad_shards"]`` (again each epoch it is drawn). A sample that cannot be decoded
+  is counted in ``stats["bad_samples"]``. If an epoch of this rank yields no sample at all, a
+  ``RuntimeError`` names the data path instead of looping forever.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from webdataset.tariterators import group_by_keys
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "promoe-ds-latents-v1"
+
+
+class LatentSource(Protocol):
+    stats: dict
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, d: dict) -> None: ...
+
+
+def stable_seed(*parts) -> int:
+    """A 63-bit seed from ints and strings, the same on every machine and Python version."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def build_latent_source(data_cfg, *, latent_shape: tuple[int, int, int], num_classes: int,
+                        micro_batch: int, rank: int, world_size: int, seed: int) -> LatentSource:
+    """The trainer's data: ``data_cfg`` is a ``promoe_ds.config.DataConfig``."""
+    if data_cfg.source == "synthetic":
+        return SyntheticSource(tuple(latent_shape), num_classes, micro_batch, rank, world_size, seed)
+    if data_cfg.source == "wds":
+        return ShardSource(data_cfg, tuple(latent_shape), num_classes, micro_batch, rank, world_size, seed)
+    raise ValueError(f"data.source: unknown source {data_cfg.source!r} (synthetic | wds)")
+
+
+class SyntheticSource:
+    """Random latents, no files: a smooth per-class pattern plus noise, so a model can learn it.
+
+    Batch ``s`` of rank ``r`` is rows ``[r*micro_batch, (r+1)*micro_batch)`` of a global batch drawn
+    from a generator seeded with ``(seed, s)``: the data do not depend on the world size.
+    """
+
+    def __init__(self, latent_shape, num_classes, micro_batch, rank, world_size, seed):
+        self.latent_shape, self.num_classes, self.seed = latent_shape, num_classes, seed
+        self.rows = slice(rank * micro_batch, (rank + 1) * micro_batch)
+        self.global_batch = micro_batch * world_size
+        g = torch.Generator().manual_seed(stable_seed(seed, "synthetic-classes"))
+        coarse = torch.randn(num_classes, latent_shape[0], 4, 4, generator=g)
+        self.patterns = F.interpolate(coarse, size=latent_shape[1:], mode="bilinear", align_corners=False)
+        self.step = 0
+        self.stats = {"samples": 0, "bad_shards": 0}
+
+    def next_batch(self):
+        g = torch.Generator().manual_seed(stable_seed(self.seed, self.step))
+        labels = torch.randint(self.num_classes, (self.global_batch,), generator=g)[self.rows]
+        noise = torch.randn(self.global_batch, *self.latent_shape, generator=g)[self.rows]
+        self.step += 1
+        self.stats["samples"] += len(labels)
+        return self.patterns[labels] + 0.5 * noise, labels
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, d):
+        self.step = int(d["step"])
+
+
+def read_manifest(root: Path) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path: {path} does not exist (write shards with `python -m data_prep.encode`)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"data.path: {path} is not a {FORMAT} manifest (format={manifest.get('format')!r})")
+    return manifest
+
+
+def _tar_members(path: Path):
+    """Regular files of an uncompressed ustar archive as webdataset file dicts.
+
+    Python's tarfile parses only ~18k headers/s, too slow for 4 members per sample; the shards from
+    data_prep.encode are plain ustar (no pax or GNU headers), which this reads at >100k members/s.
+    """
+    with open(path, "rb", buffering=1 << 20) as f:
+        while True:
+            header = f.read(512)
+            if len(header) < 512:
+                raise EOFError(f"truncated tar (no end-of-archive block) at byte {f.tell()}")
+            if header.count(0) == 512:
+                return
+            if header[257:262] != b"ustar":
+                raise ValueError(f"not a ustar header at byte {f.tell() - 512}")
+            size = int(header[124:136].strip(b"\0 "), 8)
+            data = f.read(size)
+            if len(data) < size:
+                raise EOFError("truncated tar member")
+            f.seek(-size % 512, io.SEEK_CUR)
+            kind = header[156:157]
+            if kind in (b"0", b"\0"):
+                name = header[:100].rstrip(b"\0").decode()
+                prefix = header[345:500].rstrip(b"\0").decode()
+                yield {"fname": f"{prefix}/{name}" if prefix else name, "data": data, "__url__": str(path)}
+            elif kind != b"5":  # directories are skipped
+                raise ValueError(f"unsupported tar member type {kind!r}: shards must be plain ustar")
+
+
+class _Plan:
+    """What every process needs to produce its epochs (picklable, shipped to DataLoader workers)."""
+
+    def __init__(self, shards, counts, *, rank, world_size, workers, micro_batch, seed, resampled,
+                 shuffle_buffer, latent_shape, scale):
+        self.shards, self.counts = shards, counts
+        self.rank, self.world_size, self.workers = rank, world_size, workers
+        self.micro_batch, self.seed, self.resampled = micro_batch, seed, resampled
+        self.shuffle_buffer, self.latent_shape, self.scale = shuffle_buffer, latent_shape, scale
+        self._good_headers: set[bytes] = set()
+
+    def slot_shards(self, epoch: int, worker: int) -> list[int]:
+        slots = self.world_size * self.workers
+        slot = worker * self.world_size + self.rank  # worker-major: every rank has a slot < world_size
+        n = len(self.shards)
+        if self.resampled:
+            rng = np.random.default_rng(stable_seed(self.seed, "resample", epoch, slot))
+            return rng.integers(n, size=max(1, math.ceil(n / slots))).tolist()
+        perm = np.random.default_rng(stable_seed(self.seed, "epoch", epoch)).permutation(n)
+        return perm[slot::slots].tolist()
+
+    def batches_per_worker(self, epoch: int) -> int:
+        most = max(sum(self.counts[i] for i in self.slot_shards(epoch, w)) for w in range(self.workers))
+        return math.ceil(most / self.micro_batch)
+
+    def worker_batches(self, epoch: int, worker: int, skip: int):
+        """Batches ``skip..`` of one worker's epoch: ``(z, labels, bad_shards, bad_samples)``."""
+        errors = {"bad_shards": 0, "bad_samples": 0}
+        samples = self._read(self.slot_shards(epoch, worker), errors)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(stable_seed(self.seed, "shuffle", epoch, self.rank, worker))
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        samples = iter(samples)
+        for _ in itertools.islice(samples, skip * self.micro_batch):
+            pass
+        for j in range(skip, self.batches_per_worker(epoch)):
+            chunk = list(itertools.islice(samples, self.micro_batch))
+            z, labels = self._decode(chunk, stable_seed(self.seed, "noise", epoch, self.rank, worker, j), errors)
+            yield z, labels, errors["bad_shards"], errors["bad_samples"]
+            errors["bad_shards"] = errors["bad_samples"] = 0
+
+    def _read(self, shard_ids, errors):
+        for i in shard_ids:
+            try:
+                yield from group_by_keys(_tar_members(self.shards[i]))
+            except Exception as e:  # missing, truncated or corrupt shard: skip the rest of it
+                errors["bad_shards"] += 1
+                log.warning("skipping shard %s: %s: %s", self.shards[i], type(e).__name__, e)
+
+    def _npy(self, data: bytes) -> np.ndarray:
+        shape = (2, *self.latent_shape)
+        header = data[:len(data) - 2 * math.prod(shape)]
+        if header not in self._good_headers:  # full check once per distinct header
+            a = np.load(io.BytesIO(data))
+            if a.dtype != np.float16 or a.shape != shape or not a.flags.c_contiguous:
+                raise ValueError(f"expected float16 {shape}, got {a.dtype} {a.shape}")
+            self._good_headers.add(header)
+        return np.frombuffer(data, np.float16, offset=len(header)).reshape(shape)
+
+    def _decode(self, chunk, seed, errors):
+        arr = np.empty((len(chunk), 2, 2, *self.latent_shape), np.float16)  # sample, (mean, logvar), view
+        labels = []
+        for s in chunk:
+            try:
+                arr[len(labels), 0] = self._npy(s["mean.npy"])
+                arr[len(labels), 1] = self._npy(s["logvar.npy"])
+                labels.append(int(s["cls"]))
+            except (KeyError, ValueError, OSError, EOFError) as e:
+                errors["bad_samples"] += 1
+                log.warning("skipping sample %s in %s: %s: %s", s.get("__key__"), s.get("__url__"), type(e).__name__, e)
+        n = len(labels)
+        g = torch.Generator().manual_seed(seed)
+        view = torch.randint(2, (n,), generator=g).numpy()
+        picked = torch.from_numpy(arr[np.arange(n), :, view]).float()  # [n, 2, C, H, W]
+        eps = torch.randn(n, *self.latent_shape, generator=g)
+        z = (picked[:, 0] + torch.exp(0.5 * picked[:, 1]) * eps) * self.scale
+        return z, torch.tensor(labels, dtype=torch.int64)
+
+
+class _EpochStream(torch.utils.data.IterableDataset):
+    """One epoch of one rank from worker batch ``start`` on, in DataLoader round-robin order.
+
+    Physical worker ``p`` plays logical worker ``(p + start) % W``, which has already had its first
+    ``ceil((start - logical) / W)`` batches consumed, so the order continues exactly where it stopped.
+    """
+
+    def __init__(self, plan: _Plan, epoch: int, start: int):
+        self.plan, self.epoch, self.start = plan, epoch, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w = self.plan.workers
+        logical = ((info.id if info else 0) + self.start) % w
+        skip = (self.start - logical + w - 1) // w
+        return self.plan.worker_batches(self.epoch, logical, skip)
+
+
+class ShardSource:
+    """Latents streamed from the WebDataset shards of a manifest (see the module docstring)."""
+
+    def __init__(self, cfg, latent_shape, num_classes, micro_batch, rank, world_size, seed):
+        root = Path(cfg.path)
+        manifest = read_manifest(root)
+        if tuple(manifest["latent_shape"]) != latent_shape:
+            raise ValueError(f"data.path: latents in {root} are {manifest['latent_shape']}, the model "
+                             f"expects {list(latent_shape)} (model.in_channels / model.input_size)")
+        if manifest["num_classes"] > num_classes:
+            raise ValueError(f"data.path: {root} has {manifest['num_classes']} classes, model.num_classes is {num_classes}")
+        shards = [(root / s["name"], s["samples"]) for s in manifest["shards"]]
+        missing = [str(p) for p, _ in shards if not p.is_file()]
+        if missing:
+            log.warning("%d of %d shards are missing and left out, e.g. %s", len(missing), len(shards), missing[0])
+        shards = [(p, n) for p, n in shards if str(p) not in missing]
+        if not shards:
+            raise FileNotFoundError(f"data.path: none of the {len(missing)} shards of {root / MANIFEST} exist")
+        if not cfg.resampled and len(shards) < world_size:
+            raise ValueError(f"data.resampled=false needs at least one shard per rank: {len(shards)} shards "
+                             f"for {world_size} ranks (use resampled=true or more, smaller shards)")
+        workers = max(1, cfg.num_workers)
+        if not cfg.resampled and len(shards) < world_size * workers and rank == 0:
+            log.warning("only %d shards for %d ranks x %d workers: some workers stay idle", len(shards), world_size, workers)
+        self.plan = _Plan([p for p, _ in shards], [n for _, n in shards], rank=rank, world_size=world_size,
+                          workers=workers, micro_batch=micro_batch, seed=seed, resampled=cfg.resampled,
+                          shuffle_buffer=cfg.shuffle_buffer, latent_shape=latent_shape,
+                          scale=float(manifest["scale_factor"]))
+        self.root, self.num_workers = root, cfg.num_workers
+        names = "\n".join(p.name for p in self.plan.shards)
+        self.layout = {"world_size": world_size, "num_workers": cfg.num_workers, "micro_batch": micro_batch,
+                       "seed": seed, "resampled": cfg.resampled, "shuffle_buffer": cfg.shuffle_buffer,
+                       "shards": hashlib.sha256(names.encode()).hexdigest()[:16]}
+        self.stats = {"samples": 0, "bad_shards": len(missing), "bad_samples": 0, "epoch": 0}
+        self._epoch, self._pulled, self._drop = 0, 0, 0  # position: epoch, worker batches pulled, rows to drop
+        self._it = None
+        self._carry = None  # (z, labels, offset): rest of the last pulled batch
+        self._epoch_samples, self._check_empty = 0, True
+
+    def next_batch(self):
+        zs, ys, need = [], [], self.plan.micro_batch
+        while need:
+            if self._carry is None:
+                self._carry = (*self._pull(), self._drop)
+                self._drop = 0
+            z, y, off = self._carry
+            take = min(need, len(y) - off)
+            zs.append(z[off:off + take])
+            ys.append(y[off:off + take])
+            need -= take
+            self._carry = (z, y, off + take) if off + take < len(y) else None
+        self.stats["samples"] += self.plan.micro_batch
+        return torch.cat(zs), torch.cat(ys)
+
+    def _pull(self):
+        """The next worker batch of this rank's stream, moving on to the next epoch at its end."""
+        while True:
+            if self._it is None:
+                self._epoch_samples, self._check_empty = 0, self._pulled == 0  # resumed mid-epoch: no check
+                loader = torch.utils.data.DataLoader(_EpochStream(self.plan, self._epoch, self._pulled),
+                                                     batch_size=None, num_workers=self.num_workers,
+                                                     prefetch_factor=4 if self.num_workers else None)
+                self._it = iter(loader)
+            try:
+                z, y, bad_shards, bad_samples = next(self._it)
+            except StopIteration:
+                if self._check_empty and not self._epoch_samples:
+                    raise RuntimeError(f"data.path: epoch {self._epoch} of rank {self.plan.rank} read no sample from "
+                                       f"{self.root} ({self.stats['bad_shards']} shard failures; see the warnings)") from None
+                self._epoch, self._pulled, self._it = self._epoch + 1, 0, None
+                self.stats["epoch"] = self._epoch
+                continue
+            self._pulled += 1
+            self._epoch_samples += len(y)
+            self.stats["bad_shards"] += bad_shards
+            self.stats["bad_samples"] += bad_samples
+            return z, y
+
+    def state_dict(self):
+        if self._carry is not None:
+            epoch, batch, offset = self._epoch, self._pulled - 1, self._carry[2]
+        else:
+            epoch, batch, offset = self._epoch, self._pulled, self._drop
+        if batch >= self.plan.workers * self.plan.batches_per_worker(epoch):
+            epoch, batch, offset = epoch + 1, 0, 0
+        return {"epoch": epoch, "batch": batch, "offset": offset, "layout": dict(self.layout)}
+
+    def load_state_dict(self, d):
+        self._it, self._carry = None, None
+        if d.get("layout") == self.layout:
+            self._epoch, self._pulled, self._drop = int(d["epoch"]), int(d["batch"]), int(d["offset"])
+        else:
+            log.warning("data layout changed since the checkpoint (%s -> %s): restarting epoch %d from its start",
+                        d.get("layout"), self.layout, d["epoch"])
+            self._epoch, self._pulled, self._drop = int(d["epoch"]), 0, 0
+        self.stats["epoch"] = self._epoch
