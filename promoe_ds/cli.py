@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML config file")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 train.ep_size=2")
     s.set_defaults(func=cmd_train)
+
+    from promoe_ds.scaling import add_subparser as add_scaling_report  # slurm/scaling.sh's report
+
+    add_scaling_report(sub)
     return p
 
 
