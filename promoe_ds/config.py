@@ -137,7 +137,7 @@ class TrainConfig:
     precision: str = "auto"         # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     ds_config: str = ""             # base DeepSpeed json; batch/optimizer/zero keys are filled from here
     log_every: int = 10
-    ckpt_every: int = 1000
+    ckpt_every: int = 1000          # 0 = no periodic or final checkpoint (a stop signal still writes one)
     keep_last: int = 3
     resume: str = "auto"            # auto | none | path to a checkpoint tag directory
     init_from: str = ""             # exported .safetensors to start (fine-tune) from
@@ -168,7 +168,7 @@ _CHOICES = {
 }
 _POSITIVE = ("model.input_size", "model.in_channels", "model.patch_size", "model.depth", "model.hidden_size",
              "model.num_heads", "model.num_classes", "model.moe.every", "train.steps", "train.global_batch",
-             "train.ep_size", "train.log_every", "train.ckpt_every", "train.keep_last", "train.max_bad_steps",
+             "train.ep_size", "train.log_every", "train.keep_last", "train.max_bad_steps",
              "model.moe.rcl_tau", "model.mlp_ratio", "objective.diffusion_steps")
 
 
@@ -277,6 +277,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"model.moe.experts: router {m.moe.router!r} has no unconditional experts ({spec})")
     if not 0.0 <= cfg.objective.class_dropout < 1.0:
         raise ConfigError(f"objective.class_dropout: must be in [0, 1), got {cfg.objective.class_dropout}")
+    if cfg.train.ckpt_every < 0:
+        raise ConfigError(f"train.ckpt_every: must be >= 0, got {cfg.train.ckpt_every}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
     if cfg.data.source == "wds" and not cfg.data.path:

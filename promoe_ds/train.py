@@ -199,7 +199,7 @@ def train(cfg: Config) -> int:
                               "lr": engine.get_lr()[0], "skipped_steps": skipped,
                               **{f"data/{k}": v for k, v in data.stats.items()}})
         stopping = stop.agreed(device)
-        if step % t.ckpt_every == 0 or step == t.steps or stopping:
+        if stopping or (t.ckpt_every and (step % t.ckpt_every == 0 or step == t.steps)):
             save(step)
         if stopping:
             if rank == 0:
