@@ -130,8 +130,9 @@ class DiffusionProcess:
         """Mean and log-variance of p(x_{t-1} | x_t) from the [B, 2C, ...] model output (eps, v)."""
         eps, v = split_output(model_out, x_t)
         frac = (v + 1) / 2
-        log_var = frac * self._at(self.log_betas, t, x_t) + (1 - frac) * self._at(self.posterior_log_variance_clipped, t, x_t)
-        x0_hat = self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        at = lambda arr: self._at(arr, t, x_t)
+        log_var = frac * at(self.log_betas) + (1 - frac) * at(self.posterior_log_variance_clipped)
+        x0_hat = at(self.sqrt_recip_alphas_cumprod) * x_t - at(self.sqrt_recipm1_alphas_cumprod) * eps
         mean, _, _ = self.q_posterior_mean_variance(x0_hat, x_t, t)
         return mean, log_var
 
