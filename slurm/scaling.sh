@@ -28,6 +28,7 @@ SBATCH_ARGS=${SBATCH_ARGS:-}               # e.g. "--partition=gpu --account=me"
 REPORT_JOB=${REPORT_JOB:-1}                # 1: submit the report job (afterany the runs)
 REPORT_SBATCH_ARGS=${REPORT_SBATCH_ARGS:-} # e.g. "--partition=cpu"
 DRY_RUN=${DRY_RUN:-0}
+PYTHON=${PYTHON:-}                         # for the report job; the runs use train.sbatch's default
 # =============================================================================
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -72,8 +73,10 @@ done
 
 report_cmd=(promoe-ds scaling-report "${run_dirs[@]}" --out "${RUN_ROOT}/report")
 if [[ "${REPORT_JOB}" == 1 && "${DRY_RUN}" != 1 ]]; then
-    python=python3
-    if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; fi
+    python=${PYTHON:-}
+    if [[ -z "${python}" ]]; then
+        if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3; fi
+    fi
     deps=$(IFS=:; echo "${job_ids[*]}")
     id=$(submit --job-name=scale-report --dependency="afterany:${deps}" --nodes=1 --ntasks=1 --cpus-per-task=1 \
         --time=00:10:00 --output="${RUN_ROOT}/report-%j.out" "${report_args[@]}" \

@@ -331,6 +331,37 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         raise SlurmError(f"job {job_id} not in {sorted(states)} after {timeout}s: {info.get('JobState')} "
                          f"({info.get('Reason')})")
 
+    def node_state(self) -> str:
+        return self._run([which("sinfo"), "-h", "-N", "-o", "%T"], check=False).stdout.strip().lower()
+
+    def release_requeued(self, job_id: int, timeout: float = 60, **updates: str) -> dict[str, str]:
+        """Start a requeued job now instead of after Slurm's fixed 120 s requeue delay (BeginTime).
+
+        Waits until the job is PENDING again and the node has no completing job left (starting it
+        while the node still holds the previous run's revoked credential kills it), then sets
+        StartTime=now plus any other ``scontrol update`` fields given (e.g. TimeLimit="30").
+        """
+        deadline = time.time() + timeout
+        info = self.job_info(job_id)
+        while time.time() < deadline:
+            info = self.job_info(job_id)
+            if info.get("JobState") == "PENDING" and self.node_state().startswith("idle"):
+                break
+            time.sleep(0.5)
+        else:
+            raise SlurmError(f"job {job_id} not pending on an idle node after {timeout}s: "
+                             f"{info.get('JobState')} / node {self.node_state()}")
+        time.sleep(2)  # let slurmd forget the previous run's credential
+        fields = [f"{k}={v}" for k, v in updates.items()]
+        self._run([which("scontrol"), "update", f"JobId={job_id}", "StartTime=now", *fields])
+        return info
+
+    def scontrol(self, *args: str, check: bool = True) -> str:
+        return self._run([which("scontrol"), *args], check=check).stdout
+
+    def scancel(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        return self._run([which("scancel"), *args], check=False, timeout=timeout)
+
     def log_tail(self, name: str, lines: int = 30) -> str:
         p = self.logs / f"{name}.log"
         if not p.exists():
