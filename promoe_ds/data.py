@@ -173,8 +173,10 @@ class _Plan:
         return perm[slot::slots].tolist()
 
     def batches_per_worker(self, epoch: int) -> int:
-        most = max(sum(self.counts[i] for i in self.slot_shards(epoch, w)) for w in range(self.workers))
-        return math.ceil(most / self.micro_batch)
+        counts = [sum(self.counts[i] for i in self.slot_shards(epoch, w)) for w in range(self.workers)]
+        if self.resampled:  # whole batches only: the tail of a random draw is dropped
+            return max(1, min(counts) // self.micro_batch)
+        return math.ceil(max(counts) / self.micro_batch)
 
     def worker_batches(self, epoch: int, worker: int, skip: int):
         """Batches ``skip..`` of one worker's epoch: ``(z, labels, bad_shards, bad_samples)``."""
@@ -211,30 +213,32 @@ class _Plan:
         return np.frombuffer(data, np.float16, offset=len(header)).reshape(shape)
 
     def _decode(self, chunk, seed, errors):
-        arr = np.empty((len(chunk), 2, 2, *self.latent_shape), np.float16)  # sample, (mean, logvar), view
+        """Samples -> (z, labels): one random view each, z = (mean + exp(logvar / 2) * eps) * scale."""
+        g = torch.Generator().manual_seed(seed)
+        views = torch.randint(2, (len(chunk),), generator=g).tolist()
+        stats = np.empty((len(chunk), 2, *self.latent_shape), np.float16)  # mean, logvar of the chosen view
         labels = []
-        for s in chunk:
+        for s, v in zip(chunk, views):
             try:
-                arr[len(labels), 0] = self._npy(s["mean.npy"])
-                arr[len(labels), 1] = self._npy(s["logvar.npy"])
+                stats[len(labels), 0] = self._npy(s["mean.npy"])[v]
+                stats[len(labels), 1] = self._npy(s["logvar.npy"])[v]
                 labels.append(int(s["cls"]))
             except (KeyError, ValueError, OSError, EOFError) as e:
                 errors["bad_samples"] += 1
                 log.warning("skipping sample %s in %s: %s: %s", s.get("__key__"), s.get("__url__"), type(e).__name__, e)
-        n = len(labels)
-        g = torch.Generator().manual_seed(seed)
-        view = torch.randint(2, (n,), generator=g).numpy()
-        picked = torch.from_numpy(arr[np.arange(n), :, view]).float()  # [n, 2, C, H, W]
-        eps = torch.randn(n, *self.latent_shape, generator=g)
-        z = (picked[:, 0] + torch.exp(0.5 * picked[:, 1]) * eps) * self.scale
+        stats = torch.from_numpy(stats[:len(labels)])
+        z = torch.randn(len(labels), *self.latent_shape, generator=g)
+        z.mul_(stats[:, 1].float().mul_(0.5).exp_()).add_(stats[:, 0].float()).mul_(self.scale)
         return z, torch.tensor(labels, dtype=torch.int64)
 
 
-class _EpochStream(torch.utils.data.IterableDataset):
-    """One epoch of one rank from worker batch ``start`` on, in DataLoader round-robin order.
+class _Stream(torch.utils.data.IterableDataset):
+    """This rank's worker batches from batch ``start`` of ``epoch`` on, forever, in DataLoader order.
 
-    Physical worker ``p`` plays logical worker ``(p + start) % W``, which has already had its first
-    ``ceil((start - logical) / W)`` batches consumed, so the order continues exactly where it stopped.
+    The DataLoader asks its workers in turn, so batch i of an epoch comes from logical worker
+    ``i % W``. Physical worker ``p`` plays logical worker ``(p + start) % W``, whose first
+    ``ceil((start - logical) / W)`` batches were already consumed; every epoch has ``W * nb`` batches,
+    so the rotation stays right in the following epochs.
     """
 
     def __init__(self, plan: _Plan, epoch: int, start: int):
@@ -244,8 +248,10 @@ class _EpochStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         w = self.plan.workers
         logical = ((info.id if info else 0) + self.start) % w
-        skip = (self.start - logical + w - 1) // w
-        return self.plan.worker_batches(self.epoch, logical, skip)
+        epoch, skip = self.epoch, (self.start - logical + w - 1) // w
+        while True:
+            yield from self.plan.worker_batches(epoch, logical, skip)
+            epoch, skip = epoch + 1, 0
 
 
 class ShardSource:
@@ -286,6 +292,7 @@ class ShardSource:
         self._it = None
         self._carry = None  # (z, labels, offset): rest of the last pulled batch
         self._epoch_samples, self._check_empty = 0, True
+        self._len_cache = (-1, 0)
 
     def next_batch(self):
         zs, ys, need = [], [], self.plan.micro_batch
@@ -300,43 +307,46 @@ class ShardSource:
             need -= take
             self._carry = (z, y, off + take) if off + take < len(y) else None
         self.stats["samples"] += self.plan.micro_batch
-        return torch.cat(zs), torch.cat(ys)
+        return (zs[0], ys[0]) if len(zs) == 1 else (torch.cat(zs), torch.cat(ys))
 
     def _pull(self):
-        """The next worker batch of this rank's stream, moving on to the next epoch at its end."""
-        while True:
-            if self._it is None:
-                self._epoch_samples, self._check_empty = 0, self._pulled == 0  # resumed mid-epoch: no check
-                loader = torch.utils.data.DataLoader(_EpochStream(self.plan, self._epoch, self._pulled),
-                                                     batch_size=None, num_workers=self.num_workers,
-                                                     prefetch_factor=4 if self.num_workers else None)
-                self._it = iter(loader)
-            try:
-                z, y, bad_shards, bad_samples = next(self._it)
-            except StopIteration:
-                if self._check_empty and not self._epoch_samples:
-                    raise RuntimeError(f"data.path: epoch {self._epoch} of rank {self.plan.rank} read no sample from "
-                                       f"{self.root} ({self.stats['bad_shards']} shard failures; see the warnings)") from None
-                self._epoch, self._pulled, self._it = self._epoch + 1, 0, None
-                self.stats["epoch"] = self._epoch
-                continue
-            self._pulled += 1
-            self._epoch_samples += len(y)
-            self.stats["bad_shards"] += bad_shards
-            self.stats["bad_samples"] += bad_samples
-            return z, y
+        """The next worker batch of this rank's stream (workers live until the next load_state_dict)."""
+        if self._it is None:
+            self._check_empty = self._pulled == 0  # an epoch resumed in the middle is not checked
+            loader = torch.utils.data.DataLoader(_Stream(self.plan, self._epoch, self._pulled), batch_size=None,
+                                                 num_workers=self.num_workers,
+                                                 prefetch_factor=4 if self.num_workers else None)
+            self._it = iter(loader)
+        if self._pulled == self._epoch_len():
+            if self._check_empty and not self._epoch_samples:
+                raise RuntimeError(f"data.path: epoch {self._epoch} of rank {self.plan.rank} read no sample from "
+                                   f"{self.root} ({self.stats['bad_shards']} shard failures; see the warnings)")
+            self._epoch, self._pulled, self._epoch_samples, self._check_empty = self._epoch + 1, 0, 0, True
+            self.stats["epoch"] = self._epoch
+        z, y, bad_shards, bad_samples = next(self._it)
+        self._pulled += 1
+        self._epoch_samples += len(y)
+        self.stats["bad_shards"] += bad_shards
+        self.stats["bad_samples"] += bad_samples
+        return z, y
+
+    def _epoch_len(self) -> int:
+        """Worker batches in the current epoch of this rank."""
+        if self._len_cache[0] != self._epoch:
+            self._len_cache = (self._epoch, self.plan.workers * self.plan.batches_per_worker(self._epoch))
+        return self._len_cache[1]
 
     def state_dict(self):
         if self._carry is not None:
             epoch, batch, offset = self._epoch, self._pulled - 1, self._carry[2]
         else:
             epoch, batch, offset = self._epoch, self._pulled, self._drop
-        if batch >= self.plan.workers * self.plan.batches_per_worker(epoch):
+        if batch == self._epoch_len():
             epoch, batch, offset = epoch + 1, 0, 0
         return {"epoch": epoch, "batch": batch, "offset": offset, "layout": dict(self.layout)}
 
     def load_state_dict(self, d):
-        self._it, self._carry = None, None
+        self._it, self._carry, self._epoch_samples = None, None, 0
         if d.get("layout") == self.layout:
             self._epoch, self._pulled, self._drop = int(d["epoch"]), int(d["batch"]), int(d["offset"])
         else:

@@ -117,7 +117,8 @@ def test_resume_gives_the_same_batches(tmp_path, resampled):
         states.append(a.state_dict())
         batches.append(a.next_batch())
     assert a.stats["epoch"] >= 1
-    assert {(s["batch"] % 2, s["offset"] > 0) for s in states} >= {(0, True), (1, True), (1, False)}
+    positions = {(s["batch"] % 2, s["offset"] > 0) for s in states}  # resampled: whole batches only
+    assert positions >= ({(0, False), (1, False)} if resampled else {(0, True), (1, True), (1, False)})
     for cut in range(1, 9):  # a restart at every position, in the middle of worker batches too
         b = source(tmp_path, **kw)
         b.load_state_dict(states[cut])
