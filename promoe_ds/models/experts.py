@@ -32,16 +32,24 @@ def loop_experts(x, counts, w1, b1, w2, b2):
     return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[1])
 
 
+def group_onehot(counts, n: int, dtype) -> torch.Tensor:
+    """[n, E] one-hot of each (expert-sorted) token's expert, without a host sync. Per-token biases are
+    added as ``onehot @ b``: its backward is a small GEMM, where ``b[expert_of_token]`` would backward
+    through a sort-based scatter into E rows (measured: 40% of a ProMoE-XL step on an H100)."""
+    expert_of_token = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts,
+                                              output_size=n)
+    return F.one_hot(expert_of_token, len(counts)).to(dtype)
+
+
 def grouped_experts(x, counts, w1, b1, w2, b2):
     """torch._grouped_mm: one kernel per GEMM for all experts (offs = cumulative group ends)."""
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
     x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    expert_of_token = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts,
-                                              output_size=x.shape[0])
+    onehot = group_onehot(counts, x.shape[0], dtype)
     with torch.autocast("cuda", enabled=False):
-        h = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs) + b1[expert_of_token]
-        return torch._grouped_mm(_gelu(h), w2.transpose(-2, -1), offs=offs) + b2[expert_of_token]
+        h = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs) + onehot @ b1
+        return torch._grouped_mm(_gelu(h), w2.transpose(-2, -1), offs=offs) + onehot @ b2
 
 
 def megablocks_experts(x, counts, w1, b1, w2, b2):
@@ -51,11 +59,10 @@ def megablocks_experts(x, counts, w1, b1, w2, b2):
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
     x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
     sizes = counts.to("cpu", torch.int64)
-    expert_of_token = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts,
-                                              output_size=x.shape[0])
+    onehot = group_onehot(counts, x.shape[0], dtype)
     with torch.autocast("cuda", enabled=False):
-        h = gg.ops.gmm(x, w1, sizes, trans_b=True) + b1[expert_of_token]
-        return gg.ops.gmm(_gelu(h), w2, sizes, trans_b=True) + b2[expert_of_token]
+        h = gg.ops.gmm(x, w1, sizes, trans_b=True) + onehot @ b1
+        return gg.ops.gmm(_gelu(h), w2, sizes, trans_b=True) + onehot @ b2
 
 
 def megablocks_available() -> bool:

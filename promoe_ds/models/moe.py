@@ -36,7 +36,8 @@ def local_dispatch(experts: ExpertGroup, x, tok, exp, gate):
     order = torch.argsort(exp, stable=True)
     counts = torch.bincount(exp, minlength=experts.num)
     tok = tok[order]
-    ys = experts(x[tok], counts) * gate[order, None].to(x.dtype)
+    # index_select / index_add (not x[tok]): their backward is an atomic add, not a sort-based scatter
+    ys = experts(x.index_select(0, tok), counts) * gate[order, None].to(x.dtype)
     return torch.zeros_like(x).index_add_(0, tok, ys.to(x.dtype))
 
 
@@ -49,8 +50,9 @@ def routing_contrastive_loss(x, tok, exp, prototypes, tau: float, reduce=identit
     L = -1/N_a sum_i log softmax_j(cos(p_i, m_j) / tau)[i]. Fewer than 2 active experts -> 0."""
     num, dim = prototypes.shape
     x = _atleast_f32(x)
-    stats = torch.zeros(num, dim + 1, device=x.device, dtype=x.dtype)
-    stats = stats.index_add(0, exp, torch.cat([x[tok], torch.ones_like(x[tok, :1])], 1))
+    assign = torch.zeros(x.shape[0], num, device=x.device, dtype=x.dtype)
+    assign[tok, exp] = 1.0  # (token, expert) pairs are unique for top-k and expert choice
+    stats = torch.cat([assign.T @ x, assign.sum(0)[:, None]], 1)  # per-expert token sums and counts
     stats = reduce(stats)  # global sums and counts over the data-parallel group
     sums, counts = stats[:, :dim], stats[:, dim]
     active = counts > 0
@@ -130,11 +132,11 @@ class MoEMLP(nn.Module):
             # run even on zero tokens: every rank must produce a gradient for every parameter, in the same
             # order, or DeepSpeed's gradient buckets differ between ranks
             idx_u = (~tok_cond).nonzero().squeeze(1)
-            out = out.index_add(0, idx_u, self.uncond_experts.forward_all(xf[idx_u]).to(out.dtype))
+            out = out.index_add(0, idx_u, self.uncond_experts.forward_all(xf.index_select(0, idx_u)).to(out.dtype))
             idx_c = tok_cond.nonzero().squeeze(1)
         else:  # no unconditional experts: every token is routed
             idx_c = torch.arange(b * l, device=x.device)
-        xc = xf[idx_c]
+        xc = xf.index_select(0, idx_c)
         scores = self._scores(xc)
         tok, exp, gate = self._assign(scores)
         yc = self.dispatch(self.routed_experts, xc, tok, exp, gate)

@@ -90,13 +90,13 @@ class AllToAllDispatch:
         self.last_recv_counts = recv_counts
         in_splits = counts.view(self.ep_size, self.num_local).sum(1).tolist()
         out_splits = recv_counts.sum(1).tolist()
-        recv = _AllToAll.apply(x[tok], out_splits, in_splits, self.group)
+        recv = _AllToAll.apply(x.index_select(0, tok), out_splits, in_splits, self.group)
         # received tokens are ordered (source rank, local expert): regroup by local expert
         local_id = torch.repeat_interleave(torch.arange(self.num_local, device=x.device).repeat(self.ep_size),
                                            recv_counts.flatten())
         regroup = torch.argsort(local_id, stable=True)
-        ys = experts(recv[regroup], recv_counts.sum(0))
-        ys = ys[torch.argsort(regroup)]
+        ys = experts(recv.index_select(0, regroup), recv_counts.sum(0))
+        ys = ys.index_select(0, torch.argsort(regroup))
         back = _AllToAll.apply(ys, in_splits, out_splits, self.group)
         back = back * gate[order, None].to(back.dtype)
         return torch.zeros_like(x).index_add_(0, tok, back.to(x.dtype))
