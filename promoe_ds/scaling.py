@@ -147,6 +147,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                      fontsize=8)
     ax1.set_xlabel("GPUs")
     ax1.set_ylabel("images / s")
+    ax1.set_ylim(bottom=0)
     ax1.set_title("throughput")
     ax2.plot(gpus, [100 * r["efficiency"] for r in rows], "o-")
     ax2.axhline(100, color="gray", ls="--")
@@ -190,7 +191,7 @@ def main_scaling_report(run_dirs: list[str], out: str, skip: int = 1) -> list[di
     table = markdown_table(rows)
     base = rows[0]
     notes = [f"Weak scaling: efficiency = per-GPU img/s / {base['img_per_sec_per_gpu']:.2f} "
-             f"(run {base['run']}, {base['gpus']} GPUs); speedup = img/s / {base['img_per_sec']:.2f}. "
+             f"(run {base['run']}, {base['gpus']} GPU{'s' if base['gpus'] != 1 else ''}); speedup = img/s / {base['img_per_sec']:.2f}. "
              f"First {skip} logged interval(s) of every start skipped as warm-up."]
     for r in rows:
         if r["warmup_only"]:
