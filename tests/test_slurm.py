@@ -106,11 +106,18 @@ def cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def job_dir():
-    d = Path(tempfile.mkdtemp(prefix="promoe-job-"))
+@pytest.fixture(scope="module")
+def work():
+    d = Path(tempfile.mkdtemp(prefix="promoe-jobs-"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def job_dir(work, request):
+    d = work / request.node.name.replace("test_", "", 1)[:40]
+    d.mkdir()
+    return d
 
 
 def _submit(cl: SlurmCluster, job_dir: Path, name: str, overrides: str, extra: list[str] = (),
@@ -170,7 +177,7 @@ def _wait_requeued(cl: SlurmCluster, jid: int, log: Path, restarts: int, timeout
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_train_job_trains_and_checkpoints(cluster, job_dir):
+def test_train_job_trains_and_checkpoints(cluster, job_dir):  # its run is reused by test_sample_job
     jid, run_dir, log = _submit(cluster, job_dir, "train", "train.steps=20 train.ckpt_every=10 train.log_every=5")
     _wait_done(cluster, jid, log, timeout=240)
     text = _read(log)
@@ -273,3 +280,77 @@ def test_scaling_sh_submits_runs_and_report(cluster, job_dir):
     md = (root / "report.md").read_text()
     assert "| n1 | 1 | 2 | 8 |" in md, md
     assert (root / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _tiny_vae(work: Path) -> Path:
+    from promoe_ds.quickstart import tiny_vae
+
+    vae_dir = work / "vae"
+    if not (vae_dir / "config.json").is_file():
+        tiny_vae(vae_dir)  # random, 8x down, 4 latent channels: matches the tiny config's 4x8x8 latents
+    return vae_dir
+
+
+def _squeue_empty(cl: SlurmCluster, jid: int, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = cl._run(["squeue", "-h", "-j", str(jid)], check=False)
+        if r.returncode == 0 and not r.stdout.strip():
+            return
+        time.sleep(1)
+    raise AssertionError(f"array job {jid} still queued/running after {timeout}s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_prep_array_job(cluster, job_dir, work):
+    """slurm/prep.sbatch as a 3-task array: 4 shards, 2 per task (the third task's range is empty);
+    the last task to finish writes the manifest."""
+    from data_prep import toy
+
+    toy.main(["--out", str(job_dir / "toy"), "--classes", "4", "--per-class", "8", "--size", "64"])
+    out = job_dir / "shards"
+    log = job_dir / "prep-%A_%a.out"
+    jid = cluster.sbatch(["--array=0-2", "--gpus-per-task=0", "--cpus-per-task=1", "--mem=2G", "--time=10",
+                          f"--output={log}", str(SLURM_DIR / "prep.sbatch")],
+                         env={"DATA": str(job_dir / "toy" / "train"), "OUT": str(out), "VAE": str(_tiny_vae(work)),
+                              "IMAGE_SIZE": "64", "SHARD_SIZE": "8", "SHARDS_PER_TASK": "2", "BATCH_SIZE": "8",
+                              "PYTHON": sys.executable}, cwd=str(REPO))
+    _squeue_empty(cluster, jid, timeout=240)
+    logs = {i: _read(Path(str(log).replace("%A", str(jid)).replace("%a", str(i)))) for i in range(3)}
+    for i, (a, b) in enumerate([(0, 2), (2, 4), (4, 6)]):
+        assert f"task {i} (restart 0) on " in logs[i] and f"shards {a}:{b} of" in logs[i], logs[i]
+        assert f"task {i} done" in logs[i], logs[i]
+    assert "2 shards written" in logs[0] and "2 shards written" in logs[1] and "0 shards written" in logs[2], logs
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["total_samples"] == 32 and len(manifest["shards"]) == 4, manifest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sample_job(cluster, job_dir, work):
+    """slurm/sample.sbatch with 2 ranks on weights exported from a Slurm-trained run: every rank
+    its slice, rank 0 the npz."""
+    run_dir = work / "train_job_trains_and_checkpoints" / "train"
+    if not (run_dir / "checkpoints" / "latest").is_file():  # the training test did not run (or failed)
+        jid, run_dir, log = _submit(cluster, job_dir, "train", "train.steps=4 train.ckpt_every=4 train.log_every=2")
+        _wait_done(cluster, jid, log, timeout=240)
+    weights = job_dir / "ema.safetensors"
+    r = subprocess.run([sys.executable, "-m", "promoe_ds.cli", "export", "--checkpoint", str(run_dir), "--out",
+                        str(weights)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = job_dir / "samples"
+    log = job_dir / "sample-%j.out"
+    jid = cluster.sbatch([*CPU_JOB, f"--output={log}", str(SLURM_DIR / "sample.sbatch")],
+                         env={"WEIGHTS": str(weights), "NUM": "6", "OUT": str(out), "PYTHON": sys.executable,
+                              "SAMPLE_ARGS": f"--steps 2 --batch-size 2 --classes all --vae {_tiny_vae(work)}"},
+                         cwd=str(REPO))
+    log = Path(str(log).replace("%j", str(jid)))
+    _wait_done(cluster, jid, log, timeout=240)
+    text = _read(log)
+    assert "2 cpu processes" in text and "sampled 6 new images on 2 rank(s)" in text, text
+    import numpy as np
+
+    with np.load(out / "samples.npz") as z:
+        assert z["arr_0"].shape == (6, 64, 64, 3) and z["arr_0"].dtype == np.uint8
+        assert list(z["arr_1"]) == [0, 1, 2, 3, 4, 5]
