@@ -88,6 +88,8 @@ class ImageFiles(torch.utils.data.Dataset):
 def load_vae(name: str, device, dtype):
     from diffusers import AutoencoderKL
 
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
+        raise SystemExit(f"error: --vae {name}: no such directory")
     try:
         vae = AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
     except Exception as e:
@@ -176,16 +178,60 @@ def finalize(out: Path) -> dict | None:
     return manifest
 
 
+def _record(out: Path, i: int) -> Path:
+    return out / "records" / shard_name(i).replace(".tar", ".json")
+
+
 def _done(out: Path, i: int, config: dict) -> bool:
-    record = out / "records" / shard_name(i).replace(".tar", ".json")
-    if not record.is_file():
+    if not _record(out, i).is_file():
         return False
-    r = json.loads(record.read_text())
+    r = json.loads(_record(out, i).read_text())
     if r["config"] != config:
-        raise SystemExit(f"error: {record} was written with other settings or another image list "
+        raise SystemExit(f"error: {_record(out, i)} was written with other settings or another image list "
                          f"({r['config']} != {config}); use a fresh --out")
     shard = out / r["shard"]["name"]
     return shard.is_file() and shard.stat().st_size == r["shard"]["bytes"]
+
+
+def encode_shards(args, items, todo: list[int], config: dict, device, dtype, progress: bool) -> tuple[int, int, float]:
+    """Encode and write the shards ``todo``; returns (images encoded, images skipped, seconds)."""
+    vae = load_vae(args.vae, device, dtype)
+    scale = getattr(vae.config, "scaling_factor", None) or DEFAULT_SCALE
+    plan = []  # per shard: its batches of image indices
+    for i in todo:
+        idx = range(i * args.shard_size, min((i + 1) * args.shard_size, len(items)))
+        plan.append([list(idx[j:j + args.batch_size]) for j in range(0, len(idx), args.batch_size)])
+    t0, encoded, skipped_total = time.time(), 0, 0
+    loader = iter(torch.utils.data.DataLoader(ImageFiles(args.data, items, args.image_size), collate_fn=list,
+                                              batch_sampler=[b for shard in plan for b in shard],
+                                              num_workers=args.workers))
+    bar = tqdm(total=sum(len(b) for shard in plan for b in shard), unit="img", disable=not progress)
+    for i, shard_batches in zip(todo, plan):
+        skipped, shapes = [], set()
+
+        def samples():
+            for _ in shard_batches:
+                batch = next(loader)
+                for j, _, err in batch:
+                    if err:
+                        skipped.append({"path": items[j][0], "error": err})
+                        tqdm.write(f"skipping {args.data / items[j][0]}: {err}")
+                good = [(j, arr) for j, arr, _ in batch if arr is not None]
+                if good:
+                    mean, logvar = encode_views(vae, torch.from_numpy(np.stack([arr for _, arr in good])))
+                    shapes.add(mean.shape[2:])
+                    for k, (j, _) in enumerate(good):
+                        yield {"__key__": f"{j:08d}", "mean.npy": mean[k], "logvar.npy": logvar[k],
+                               "cls": items[j][1], "src": items[j][0]}
+                bar.update(len(batch))
+
+        shard = write_shard(args.out / shard_name(i), samples())
+        _write_json(_record(args.out, i), {"config": config, "shard": shard, "skipped": skipped, "scale_factor": scale,
+                                           "latent_shape": list(shapes.pop()) if shapes else None})
+        encoded += shard["samples"]
+        skipped_total += len(skipped)
+    bar.close()
+    return encoded, skipped_total, time.time() - t0
 
 
 def parse_args(argv=None):
@@ -211,72 +257,36 @@ def main(argv=None) -> None:
     from accelerate import PartialState
 
     args = parse_args(argv)
-    out = args.out
     if args.finalize_only:
-        if finalize(out) is None:
+        if finalize(args.out) is None:
             raise SystemExit(1)
         return
-    state = PartialState()
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())  # cpu: gloo across processes
     device = state.device if args.device == "auto" else torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     classes, items = list_images(args.data)
     n_shards = math.ceil(len(items) / args.shard_size)
-    a, _, b = args.shard_range.partition(":")
-    lo, hi = int(a or 0), min(int(b or n_shards), n_shards)
+    try:
+        a, _, b = args.shard_range.partition(":")
+        lo, hi = int(a or 0), min(int(b or n_shards), n_shards)
+    except ValueError:
+        raise SystemExit(f"error: --shard-range {args.shard_range!r} is not of the form A:B") from None
     mine = list(range(lo, hi))[state.process_index::state.num_processes]
     config = {"vae": args.vae, "image_size": args.image_size, "shard_size": args.shard_size, "dtype": str(dtype),
               "images": len(items), "shards": n_shards,
               "list_sha256": hashlib.sha256("\n".join(p for p, _ in items).encode()).hexdigest()}
-    (out / "records").mkdir(parents=True, exist_ok=True)
-    _write_json(out / "classes.json", {wnid: i for i, wnid in enumerate(classes)})
-    todo = [i for i in mine if not _done(out, i, config)]
-
-    t0, encoded, skipped_total = time.time(), 0, 0
+    (args.out / "records").mkdir(parents=True, exist_ok=True)
+    _write_json(args.out / "classes.json", {wnid: i for i, wnid in enumerate(classes)})
+    todo = [i for i in mine if not _done(args.out, i, config)]
+    encoded, skipped, seconds = 0, 0, 0.0
     if todo:
-        vae = load_vae(args.vae, device, dtype)
-        scale = getattr(vae.config, "scaling_factor", None) or DEFAULT_SCALE
-        batches, per_shard = [], []
-        for i in todo:
-            idx = range(i * args.shard_size, min((i + 1) * args.shard_size, len(items)))
-            chunks = [list(idx[j:j + args.batch_size]) for j in range(0, len(idx), args.batch_size)]
-            batches += chunks
-            per_shard.append(len(chunks))
-        loader = iter(torch.utils.data.DataLoader(ImageFiles(args.data, items, args.image_size), batch_sampler=batches,
-                                                  num_workers=args.workers, collate_fn=list))
-        bar = tqdm(total=sum(map(len, batches)), unit="img", disable=not state.is_local_main_process)
-        for i, n_batches in zip(todo, per_shard):
-            skipped, shapes = [], set()
-
-            def samples():
-                for _ in range(n_batches):
-                    batch = next(loader)
-                    for j, _, err in batch:
-                        if err:
-                            skipped.append({"path": items[j][0], "error": err})
-                            tqdm.write(f"skipping {args.data / items[j][0]}: {err}")
-                    good = [(j, arr) for j, arr, _ in batch if arr is not None]
-                    if good:
-                        mean, logvar = encode_views(vae, torch.from_numpy(np.stack([arr for _, arr in good])))
-                        shapes.add(mean.shape[2:])
-                        for k, (j, _) in enumerate(good):
-                            yield {"__key__": f"{j:08d}", "mean.npy": mean[k], "logvar.npy": logvar[k],
-                                   "cls": items[j][1], "src": items[j][0]}
-                    bar.update(len(batch))
-
-            shard = write_shard(out / shard_name(i), samples())
-            record = {"config": config, "shard": shard, "skipped": skipped, "scale_factor": scale,
-                      "latent_shape": list(shapes.pop()) if shapes else None}
-            _write_json(out / "records" / shard_name(i).replace(".tar", ".json"), record)
-            encoded += shard["samples"]
-            skipped_total += len(skipped)
-        bar.close()
-    dt = time.time() - t0
+        encoded, skipped, seconds = encode_shards(args, items, todo, config, device, dtype, state.is_local_main_process)
     print(f"[process {state.process_index}/{state.num_processes}] {encoded} images encoded (x2 views), "
-          f"{skipped_total} skipped, in {dt:.1f}s = {encoded / max(dt, 1e-9):.1f} img/s; "
+          f"{skipped} skipped, in {seconds:.1f}s = {encoded / max(seconds, 1e-9):.1f} img/s; "
           f"{len(todo)} shards written, {len(mine) - len(todo)} already complete")
     state.wait_for_everyone()
     if state.is_main_process:
-        finalize(out)
+        finalize(args.out)
 
 
 if __name__ == "__main__":
