@@ -88,6 +88,26 @@ def test_scaling_sh_dry_run(tmp_path):
     assert "scaling-report" in r.stdout and not (tmp_path / "scal").exists()
 
 
+@pytest.mark.parametrize("name,worlds", [("promoe_xl_1node.yaml", (8,)), ("promoe_h_multinode.yaml", (8, 16, 64))])
+def test_example_configs_lay_out(name, worlds):
+    """The documented layouts pass the trainer's preflight: ep_size divides the GPUs and the routed
+    experts, the per-GPU batch divides out (PER_GPU_BATCH x GPUs), ZeRO-2, bf16 on GPU."""
+    from promoe_ds.config import load_config
+    from promoe_ds.ds_config import build_ds_config
+    from promoe_ds.train import preflight
+
+    per_gpu = {"promoe_xl_1node.yaml": 32, "promoe_h_multinode.yaml": 16}[name]
+    for world in worlds:
+        cfg = load_config(str(SLURM_DIR / "configs" / name),
+                          ["data.source=synthetic", f"train.global_batch={per_gpu * world}"])
+        preflight(cfg, world)
+        ds = build_ds_config(cfg.train, world, on_gpu=True)
+        assert ds["train_micro_batch_size_per_gpu"] == per_gpu and ds["gradient_accumulation_steps"] == 1
+        assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"]
+        assert cfg.model.moe.spec().routed % cfg.train.ep_size == 0 and cfg.train.ep_size <= 8  # EP within a node
+    assert load_config(str(SLURM_DIR / "configs" / name), []).train.global_batch == per_gpu * worlds[-1]
+
+
 # ----------------------------------------------------------------------------- live cluster
 @pytest.fixture(scope="module")
 def cluster():
@@ -225,8 +245,20 @@ def test_preempted_job_requeues_and_resumes(cluster, job_dir):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_config_mistake_fails_fast_without_requeue(cluster, job_dir):
+    jid, run_dir, log = _submit(cluster, job_dir, "bad", "train.no_such_key=1")
+    info = cluster.wait_state(jid, {"FAILED"}, timeout=90)
+    text = _read(log)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", (info, text)
+    assert "unknown config key 'train.no_such_key'" in text and "invalid config" in text, text
+    assert "start #0" not in text  # nothing launched
+
+
 STUB = """#!/bin/bash
 # Stand-in for python: the Slurm plumbing only (the real trainer is covered above).
+if [[ $1 == -c ]]; then exec {python} "$@"; fi  # train.sbatch's config check
 for a in "$@"; do case $a in train.out_dir=*) out=${a#train.out_dir=};; esac; done
 echo "stub rank ${SLURM_PROCID} start (restart ${SLURM_RESTART_COUNT:-0})"
 if [[ "${SLURM_RESTART_COUNT:-0}" -ge 1 ]]; then echo "stub rank ${SLURM_PROCID} done"; exit 0; fi
@@ -242,7 +274,7 @@ def test_time_limit_warning_signal_reaches_tasks(cluster, job_dir):
     slurmctld send the warning (at its next periodic check); the tasks get USR1, not the batch
     shell, and exit 99; the job requeues and its next start ends normally."""
     stub = job_dir / "stub.sh"
-    stub.write_text(STUB)
+    stub.write_text(STUB.replace("{python}", sys.executable))
     stub.chmod(0o755)
     jid, run_dir, log = _submit(cluster, job_dir, "warn", "", env={"PYTHON": str(stub)})
     _wait_log(cluster, jid, log, r"^stub rank 1 start", timeout=60)
