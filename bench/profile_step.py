@@ -18,8 +18,7 @@ ap.add_argument("--preset", default="ProMoE-XL")
 args = ap.parse_args()
 cfg = load_config(overrides=[f"model.preset={args.preset}"])
 model = build_model(cfg.model).cuda().train()
-for layer in model.moe_layers():
-    layer.routed_experts.backend = args.backend
+model.set_expert_backend(args.backend)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 obj = build_objective(ObjectiveConfig())
 g = torch.Generator().manual_seed(0)

@@ -38,8 +38,8 @@ def bench(name: str, batch: int, steps: int, warmup: int) -> dict:
     cfg = load_config(overrides=[f"model.preset={preset}"])
     dev = torch.device("cuda")
     model = build_model(cfg.model, seed=0).to(dev).train()
-    for layer in model.moe_layers():
-        layer.routed_experts.backend = backend
+    if backend:
+        model.set_expert_backend(backend)
     fwd = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
     ema = EMA(model, 0.9999)

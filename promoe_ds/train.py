@@ -103,8 +103,7 @@ def train(cfg: Config) -> int:
     ep_rank = create_groups(t.ep_size) if is_moe else 0
     model = build_model(m, seed=t.seed, ep_size=t.ep_size, ep_rank=ep_rank)
     backend = resolve_backend(m.moe.backend, device)
-    for layer in model.moe_layers():
-        layer.routed_experts.backend = backend
+    model.set_expert_backend(backend)
     model.grad_checkpoint = t.grad_checkpoint
     if t.init_from and resume_dir is None:
         from promoe_ds.export import load_into

@@ -50,7 +50,7 @@ def test_promoe_layer_grouped_matches_loop():
     cond = torch.tensor([True, False] * 4, device="cuda")
     res = {}
     for backend in ("loop", "grouped"):
-        layer.routed_experts.backend = backend
+        layer.routed_experts.backend = layer.uncond_experts.backend = backend
         layer.zero_grad()
         x.grad = None
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -64,8 +64,7 @@ def test_promoe_layer_grouped_matches_loop():
 def test_train_step_under_compile():
     cfg = load_config(overrides=["model.preset=ProMoE-S", "model.depth=4"]).model
     model = build_model(cfg).cuda().train()
-    for layer in model.moe_layers():
-        layer.routed_experts.backend = "grouped"
+    model.set_expert_backend("grouped")
     fwd = torch.compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randn(8, 4, 32, 32, device="cuda")

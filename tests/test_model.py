@@ -105,11 +105,10 @@ def test_layer_gradcheck():
 def test_rcl_by_hand():
     # 2 experts used out of 3, tokens assigned by hand: loss is Eq. 6 over the two active experts
     x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
-    tok = torch.tensor([0, 1, 2])
-    exp = torch.tensor([0, 0, 2])
+    member = torch.tensor([[1, 0, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.float64)  # tokens -> experts 0, 0, 2
     P = torch.tensor([[1.0, 1.0], [5.0, 5.0], [0.0, 1.0]], dtype=torch.float64, requires_grad=True)
     tau = 0.5
-    loss = routing_contrastive_loss(x, tok, exp, P, tau)
+    loss = routing_contrastive_loss(x, member, P, tau)
     # means: m0 = (2, 0), m2 = (0, 2); cos(p0, m0) = cos(p0, m2) = 1/sqrt2; cos(p2, m0) = 0, cos(p2, m2) = 1
     s = 1 / math.sqrt(2)
     l0 = -(s / tau - math.log(math.exp(s / tau) + math.exp(s / tau)))
@@ -119,7 +118,8 @@ def test_rcl_by_hand():
     assert P.grad[0].abs().sum() > 0 and P.grad[2].abs().sum() > 0
     assert P.grad[1].abs().sum() == 0  # inactive expert's prototype untouched
     # fewer than two active experts -> 0
-    assert routing_contrastive_loss(x, tok, torch.tensor([1, 1, 1]), P, tau).item() == 0.0
+    one = torch.tensor([[0, 1, 0]] * 3, dtype=torch.float64)
+    assert routing_contrastive_loss(x, one, P, tau).item() == 0.0
 
 
 def test_rcl_gradient_reaches_prototypes_and_tokens():

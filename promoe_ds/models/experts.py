@@ -87,6 +87,17 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
+def run_experts(groups: list["ExpertGroup"], x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Experts of several groups (routed + unconditional) in one backend call: x sorted by expert,
+    counts over the groups' experts in order. Uses the first group's backend."""
+    names = ("w1", "b1", "w2", "b2")
+    if len(groups) == 1:
+        params = [getattr(groups[0], n) for n in names]
+    else:
+        params = [torch.cat([getattr(g, n) for g in groups]) for n in names]
+    return BACKENDS[groups[0].backend](x, counts, *params)
+
+
 class ExpertGroup(nn.Module):
     """E expert MLPs as stacked tensors. ``first_id`` is the global id of the first expert held here
     (expert parallelism holds a slice); initialisation is seeded per (seed, global id), so a model
@@ -114,10 +125,6 @@ class ExpertGroup(nn.Module):
                 w[i].copy_(torch.rand(w.shape[1:], generator=g) * 2 * bound - bound)
         self.b1.zero_()
         self.b2.zero_()
-
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x [N, D] sorted by expert, counts [E] (sum N) -> [N, D]."""
-        return BACKENDS[self.backend](x, counts, self.w1, self.b1, self.w2, self.b2)
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of every expert applied to every token (shared and unconditional experts, Eq. 5)."""

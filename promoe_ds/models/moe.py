@@ -11,8 +11,13 @@ One module, ``MoEMLP``, with four routers:
 - ``tc``: token-choice softmax top-k with a load-balancing loss (DiT-MoE / TC-DiT baseline).
 - ``ec``: expert-choice softmax router (EC-DiT baseline).
 
-Distribution is injected, not imported: ``dispatch`` computes the routed experts for a list of
-(token, expert, gate) assignments (local by default; all-to-all under expert parallelism) and
+Routing produces a fixed number of (token, expert, gate) assignments per token: conditional tokens
+get their top-k routed experts, null-label tokens their unconditional experts (ids after the routed
+ones, gate 1). Shapes never depend on the data, so the layer has no host sync on one GPU and
+compiles into one graph; ``dispatch`` then runs all experts in one grouped GEMM.
+
+Distribution is injected, not imported: ``dispatch`` computes the experts for the assignments
+(``local_dispatch`` by default; all-to-all for the routed ones under expert parallelism) and
 ``reduce_stats`` sums routing statistics over the data-parallel group (identity by default), so the
 RCL's expert means are the global mini-batch means whatever the world size.
 """
@@ -23,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from promoe_ds.config import ExpertSpec, MoEConfig
-from promoe_ds.models.experts import ExpertGroup
+from promoe_ds.models.experts import ExpertGroup, run_experts
 
 
 def _atleast_f32(t: torch.Tensor) -> torch.Tensor:
@@ -31,13 +36,19 @@ def _atleast_f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def local_dispatch(experts: ExpertGroup, x, tok, exp, gate):
-    """sum_j G_j E_j(x) (Eq. 5, conditional branch) for assignments (tok[i] -> exp[i], gate[i])."""
+def expert_counts(exp: torch.Tensor, num: int) -> torch.Tensor:
+    """Assignments per expert id, shape [num] whatever the data (unlike bincount)."""
+    return torch.zeros(num, dtype=torch.long, device=exp.device).scatter_add_(0, exp, torch.ones_like(exp))
+
+
+def local_dispatch(layer: "MoEMLP", x, tok, exp, gate):
+    """sum_j G_j E_j(x) over every assignment (Eq. 5), routed and unconditional experts in one call."""
+    groups = [g for g in (layer.routed_experts, layer.uncond_experts) if g is not None]
     order = torch.argsort(exp, stable=True)
-    counts = torch.bincount(exp, minlength=experts.num)
     tok = tok[order]
+    counts = expert_counts(exp, sum(g.num for g in groups))
     # index_select / index_add (not x[tok]): their backward is an atomic add, not a sort-based scatter
-    ys = experts(x.index_select(0, tok), counts) * gate[order, None].to(x.dtype)
+    ys = run_experts(groups, x.index_select(0, tok), counts) * gate[order, None].to(x.dtype)
     return torch.zeros_like(x).index_add_(0, tok, ys.to(x.dtype))
 
 
@@ -45,30 +56,33 @@ def identity_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def routing_contrastive_loss(x, tok, exp, prototypes, tau: float, reduce=identity_reduce):
-    """Eq. 6: m_i = mean of the tokens assigned to expert i; for the N_a experts with tokens,
-    L = -1/N_a sum_i log softmax_j(cos(p_i, m_j) / tau)[i]. Fewer than 2 active experts -> 0."""
-    num, dim = prototypes.shape
+def routing_contrastive_loss(x, member, prototypes, tau: float, reduce=identity_reduce):
+    """Eq. 6. ``member`` [N, E] marks the routed experts of each conditional token (a token counts in
+    the mean of each of its experts). m_i = mean of expert i's tokens; over the N_a experts that got
+    tokens, L = -1/N_a sum_i log softmax_j(cos(p_i, m_j) / tau)[i]; fewer than 2 active -> 0.
+    Written without data-dependent shapes (inactive experts are masked)."""
     x = _atleast_f32(x)
-    assign = torch.zeros(x.shape[0], num, device=x.device, dtype=x.dtype)
-    assign[tok, exp] = 1.0  # (token, expert) pairs are unique for top-k and expert choice
-    stats = torch.cat([assign.T @ x, assign.sum(0)[:, None]], 1)  # per-expert token sums and counts
+    member = member.to(x.dtype)
+    stats = torch.cat([member.T @ x, member.sum(0)[:, None]], 1)  # per-expert token sums and counts
     stats = reduce(stats)  # global sums and counts over the data-parallel group
-    sums, counts = stats[:, :dim], stats[:, dim]
+    sums, counts = stats[:, :-1], stats[:, -1]
     active = counts > 0
-    if int(active.sum()) < 2:
-        return prototypes.sum() * 0.0
-    means = sums[active] / counts[active, None]
-    logits = F.normalize(_atleast_f32(prototypes[active]), dim=-1) @ F.normalize(means, dim=-1).T / tau
-    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
+    means = sums / counts.clamp(min=1)[:, None]
+    logits = F.normalize(_atleast_f32(prototypes), dim=-1) @ F.normalize(means, dim=-1).T / tau
+    logits = logits.masked_fill(~active[None, :], float("-inf"))
+    per_expert = torch.logsumexp(logits, dim=1) - logits.diagonal()
+    n_active = active.sum()
+    loss = torch.where(active, per_expert, torch.zeros_like(per_expert)).sum() / n_active.clamp(min=1)
+    return torch.where(n_active >= 2, loss, loss * 0.0)
 
 
-def load_balancing_loss(probs, exp, num: int, reduce=identity_reduce):
-    """Switch-style: num * sum_e f_e * P_e (f_e: fraction of assignments to e, P_e: mean router prob)."""
-    probs = _atleast_f32(probs)
-    stats = torch.cat([probs.sum(0), torch.bincount(exp, minlength=num).to(probs.dtype),
-                       probs.new_tensor([probs.shape[0]])])
-    stats = reduce(stats)
+def load_balancing_loss(probs, member, routed_ok, reduce=identity_reduce):
+    """Switch-style: E * sum_e f_e * P_e (f_e: fraction of assignments to e, P_e: mean router prob),
+    over the routed (conditional) tokens."""
+    probs = _atleast_f32(probs) * routed_ok[:, None]
+    member = member.to(probs.dtype)
+    stats = reduce(torch.cat([probs.sum(0), member.sum(0), routed_ok.sum()[None].to(probs.dtype)]))
+    num = probs.shape[1]
     p_sum, counts, n_tok = stats[:num], stats[num:2 * num], stats[2 * num]
     return num * ((counts / counts.sum().clamp(min=1)) * (p_sum / n_tok.clamp(min=1))).sum()
 
@@ -109,17 +123,43 @@ class MoEMLP(nn.Module):
             return z.softmax(-1) if self.activation == "softmax" else z  # Eq. 2, identity by default
         return _atleast_f32(self.gate(x)).softmax(-1)
 
-    def _assign(self, scores):
-        """-> (token index, expert id, gate) per assignment."""
+    def _assign(self, scores, routed_ok):
+        """-> (token, expert id, gate) per assignment, and ``member`` [N, E_routed]: the routed experts
+        of each conditional token (for RCL, load balancing and load statistics).
+        Conditional routing (Sec. 4.1): a null-label token (routed_ok False) goes to every
+        unconditional expert with gate 1 (ids E_routed, E_routed + 1, ...), never to a routed one."""
         n, num = scores.shape
+        uncond = self.spec.uncond if self.uncond_experts is not None else 0
         if self.router in ("promoe", "tc"):  # token choice, Eq. 3: G = S on the top-k, no renormalisation
             gate, exp = scores.topk(self.top_k, dim=-1)
-            tok = torch.arange(n, device=scores.device).repeat_interleave(self.top_k)
-            return tok, exp.reshape(-1), gate.reshape(-1)
-        quota = min(n, max(1, round(self.ec_capacity * self.top_k * n / num)))  # expert choice
-        gate, tok = scores.topk(quota, dim=0)  # [quota, num]
+            member = torch.zeros_like(scores).scatter_(1, exp[:, :1] if self.rcl_assign == "top1" else exp, 1.0)
+            member = member * routed_ok[:, None]
+            if uncond:  # every token gets max(k, N_u) slots; unused slots carry gate 0
+                slots = max(self.top_k, uncond)
+                pad = slots - self.top_k
+                exp = torch.cat([exp, exp[:, :1].expand(n, pad)], 1)
+                gate = torch.cat([gate, torch.zeros_like(gate[:, :1]).expand(n, pad)], 1)
+                j = torch.arange(slots, device=scores.device)
+                exp_u = (num + j % uncond).expand(n, slots)
+                gate_u = (j < uncond).to(gate.dtype).expand(n, slots)
+                exp = torch.where(routed_ok[:, None], exp, exp_u)
+                gate = torch.where(routed_ok[:, None], gate, gate_u)
+            tok = torch.arange(n, device=scores.device).repeat_interleave(exp.shape[1])
+            return tok, exp.reshape(-1), gate.reshape(-1), member
+        # expert choice: each routed expert takes a fixed quota of the conditional tokens
+        n_routed = int(routed_ok.sum())
+        quota = min(n_routed, max(1, round(self.ec_capacity * self.top_k * n_routed / num)))
+        gate, tok = scores.masked_fill(~routed_ok[:, None], float("-inf")).topk(quota, dim=0)  # [quota, num]
         exp = torch.arange(num, device=scores.device).repeat(quota)
-        return tok.reshape(-1), exp, gate.reshape(-1)
+        tok, gate = tok.reshape(-1), gate.reshape(-1)
+        member = torch.zeros_like(scores)
+        member[tok, exp] = 1.0
+        if uncond:
+            tok_u = (~routed_ok).nonzero().squeeze(1).repeat_interleave(uncond)
+            exp_u = num + torch.arange(uncond, device=scores.device).repeat(tok_u.shape[0] // uncond)
+            tok, exp = torch.cat([tok, tok_u]), torch.cat([exp, exp_u])
+            gate = torch.cat([gate, torch.ones_like(tok_u, dtype=gate.dtype)])
+        return tok, exp, gate, member
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor):
         """x [B, L, D]; cond [B] bool (False = null label). Returns (y, aux) where aux holds the
@@ -127,34 +167,20 @@ class MoEMLP(nn.Module):
         b, l, d = x.shape
         xf = x.reshape(b * l, d)
         out = self.shared_experts.forward_all(xf) if self.shared_experts is not None else torch.zeros_like(xf)
-        tok_cond = cond.repeat_interleave(l)
-        if self.uncond_experts is not None:  # conditional routing: hard, gate 1 (Eq. 5, lower branch)
-            # run even on zero tokens: every rank must produce a gradient for every parameter, in the same
-            # order, or DeepSpeed's gradient buckets differ between ranks
-            idx_u = (~tok_cond).nonzero().squeeze(1)
-            out = out.index_add(0, idx_u, self.uncond_experts.forward_all(xf.index_select(0, idx_u)).to(out.dtype))
-            idx_c = tok_cond.nonzero().squeeze(1)
-        else:  # no unconditional experts: every token is routed
-            idx_c = torch.arange(b * l, device=x.device)
-        xc = xf.index_select(0, idx_c)
-        scores = self._scores(xc)
-        tok, exp, gate = self._assign(scores)
-        yc = self.dispatch(self.routed_experts, xc, tok, exp, gate)
-        out = out.index_add(0, idx_c, yc.to(out.dtype))
+        routed_ok = (cond.repeat_interleave(l) if self.uncond_experts is not None
+                     else torch.ones(b * l, dtype=torch.bool, device=x.device))  # no uncond experts: all routed
+        scores = self._scores(xf)
+        tok, exp, gate, member = self._assign(scores, routed_ok)
+        out = out + self.dispatch(self, xf, tok, exp, gate).to(out.dtype)
 
         aux = {}
         if self.training:
             zero = scores.sum() * 0.0
-            if self.rcl_weight and self.router.startswith("promoe"):
-                rtok, rexp = tok, exp
-                if self.rcl_assign == "top1" and self.router == "promoe":
-                    rtok, rexp = tok[::self.top_k], exp[::self.top_k]
-                aux["rcl"] = routing_contrastive_loss(xc, rtok, rexp, self.prototypes, self.rcl_tau, self.reduce_stats)
-            else:
-                aux["rcl"] = zero
-            aux["lb"] = (load_balancing_loss(scores if self.router != "promoe" or self.activation == "softmax"
-                                             else scores.softmax(-1), exp, self.spec.routed, self.reduce_stats)
+            aux["rcl"] = (routing_contrastive_loss(xf, member, self.prototypes, self.rcl_tau, self.reduce_stats)
+                          if self.rcl_weight and self.router.startswith("promoe") else zero)
+            probs = scores if self.router in ("tc", "ec") or self.activation == "softmax" else scores.softmax(-1)
+            aux["lb"] = (load_balancing_loss(probs, member, routed_ok, self.reduce_stats)
                          if self.lb_weight else zero)
             aux["aux_loss"] = self.rcl_weight * aux["rcl"] + self.lb_weight * aux["lb"]
-        aux["counts"] = torch.bincount(exp.detach(), minlength=self.spec.routed)
+        aux["counts"] = member.detach().sum(0)
         return out.reshape(b, l, d), aux

@@ -23,7 +23,8 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 
 from promoe_ds.models.dit import DiT
-from promoe_ds.models.experts import ExpertGroup
+from promoe_ds.models.experts import run_experts
+from promoe_ds.models.moe import expert_counts
 
 
 class _AllToAll(torch.autograd.Function):
@@ -73,32 +74,40 @@ class AllReduceStats:
 
 
 class AllToAllDispatch:
-    """``dispatch`` hook of MoEMLP under expert parallelism: expert ``e`` lives on EP rank
-    ``e // num_local``; tokens are exchanged, computed grouped by local expert, and sent back."""
+    """``dispatch`` hook of MoEMLP under expert parallelism: routed expert ``e`` lives on EP rank
+    ``e // num_local``; its tokens are exchanged, computed grouped by local expert, and sent back.
+    Assignments to unconditional experts (ids after the routed ones) are computed locally."""
 
     def __init__(self, group, ep_size: int, num_local: int):
         self.group, self.ep_size, self.num_local = group, ep_size, num_local
         self.last_recv_counts = None  # [ep_size, num_local] tokens received last call (for tests/stats)
 
-    def __call__(self, experts: ExpertGroup, x, tok, exp, gate):
+    def __call__(self, layer, x, tok, exp, gate):
+        n_routed = self.ep_size * self.num_local
+        n_uncond = layer.uncond_experts.num if layer.uncond_experts is not None else 0
         order = torch.argsort(exp, stable=True)
-        tok = tok[order]
-        counts = torch.bincount(exp, minlength=self.ep_size * self.num_local)
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=self.group)  # row j: what rank j sends me
+        tok, gate = tok[order], gate[order]
+        counts = expert_counts(exp, n_routed + n_uncond)
+        recv_counts = torch.empty_like(counts[:n_routed])
+        dist.all_to_all_single(recv_counts, counts[:n_routed].contiguous(), group=self.group)  # row j: from rank j
+        sizes = torch.cat([counts, recv_counts]).tolist()  # the one host sync: split sizes
+        sent, got = sizes[:n_routed], sizes[n_routed + n_uncond:]
+        in_splits = [sum(sent[r * self.num_local:(r + 1) * self.num_local]) for r in range(self.ep_size)]
+        out_splits = [sum(got[r * self.num_local:(r + 1) * self.num_local]) for r in range(self.ep_size)]
         recv_counts = recv_counts.view(self.ep_size, self.num_local)
         self.last_recv_counts = recv_counts
-        in_splits = counts.view(self.ep_size, self.num_local).sum(1).tolist()
-        out_splits = recv_counts.sum(1).tolist()
-        recv = _AllToAll.apply(x.index_select(0, tok), out_splits, in_splits, self.group)
+        xs = x.index_select(0, tok)
+        n_sent = sum(in_splits)
+        recv = _AllToAll.apply(xs[:n_sent], out_splits, in_splits, self.group)
         # received tokens are ordered (source rank, local expert): regroup by local expert
         local_id = torch.repeat_interleave(torch.arange(self.num_local, device=x.device).repeat(self.ep_size),
-                                           recv_counts.flatten())
+                                           recv_counts.flatten(), output_size=sum(out_splits))
         regroup = torch.argsort(local_id, stable=True)
-        ys = experts(recv.index_select(0, regroup), recv_counts.sum(0))
-        ys = ys.index_select(0, torch.argsort(regroup))
-        back = _AllToAll.apply(ys, in_splits, out_splits, self.group)
-        back = back * gate[order, None].to(back.dtype)
+        ys = run_experts([layer.routed_experts], recv.index_select(0, regroup), recv_counts.sum(0))
+        back = _AllToAll.apply(ys.index_select(0, torch.argsort(regroup)), in_splits, out_splits, self.group)
+        if n_uncond:  # unconditional experts are replicated: computed here, no exchange
+            back = torch.cat([back, run_experts([layer.uncond_experts], xs[n_sent:], counts[n_routed:])])
+        back = back * gate[:, None].to(back.dtype)
         return torch.zeros_like(x).index_add_(0, tok, back.to(x.dtype))
 
 
