@@ -1,31 +1,18 @@
 """Start N training processes on this machine the way any launcher would (RANK/WORLD_SIZE env)."""
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from promoe_ds.parallel.launch import free_port, spawn_local  # noqa: F401 (free_port: used by tests)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny_cpu.yaml"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(n: int, overrides: list[str], config: Path = TINY, log_dir: Path | None = None) -> list[subprocess.Popen]:
-    port = free_port()
-    procs = []
-    for r in range(n):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        out = open(log_dir / f"rank{r}.log", "w") if log_dir else subprocess.DEVNULL
-        procs.append(subprocess.Popen([sys.executable, "-m", "promoe_ds.cli", "train", "--config", str(config),
-                                       *overrides], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT))
-    return procs
+    return spawn_local(n, [sys.executable, "-m", "promoe_ds.cli", "train", "--config", str(config), *overrides],
+                       log_dir=log_dir, env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
 
 
 def run(n: int, overrides: list[str], log_dir: Path, timeout: float = 600) -> list[int]:

@@ -2,13 +2,17 @@
 
 torchrun and the deepspeed launcher export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
 MASTER_PORT; srun exports SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (the sbatch templates export
-MASTER_ADDR / MASTER_PORT from the job's first node). A plain ``python`` start is a world of one.
+MASTER_ADDR / MASTER_PORT from the job's first node). A plain ``python`` start is a world of one;
+``spawn_local`` starts N ranks on this machine the way torchrun does (tests, the quickstart).
 NCCL on GPUs, gloo on CPU (DeepSpeed's CPU accelerator).
 """
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -46,3 +50,29 @@ def init_distributed() -> DistInfo:
 
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return DistInfo(rank, world, local, device, backend)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_local(nprocs: int, argv: list[str], log_dir: str | Path | None = None,
+                env: dict | None = None) -> list[subprocess.Popen]:
+    """Start ``argv`` as ranks 0..nprocs-1 of one world on this machine, as torchrun would: RANK /
+    WORLD_SIZE / LOCAL_RANK, MASTER_ADDR / MASTER_PORT on a free port, DS_ACCELERATOR=cpu without a
+    GPU. Output goes to ``log_dir/rank<r>.log`` if given, else to this process's stdout / stderr.
+    ``env`` adds variables. Returns the Popen objects (the caller waits for them)."""
+    port = free_port()
+    procs = []
+    for r in range(nprocs):
+        rank_env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(r),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(env or {})}
+        if not torch.cuda.is_available():
+            rank_env["DS_ACCELERATOR"] = "cpu"
+        out = open(Path(log_dir) / f"rank{r}.log", "w") if log_dir else None
+        procs.append(subprocess.Popen(argv, env=rank_env, stdout=out, stderr=subprocess.STDOUT if out else None))
+        if out:
+            out.close()  # the child holds its own handle
+    return procs

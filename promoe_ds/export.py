@@ -1,0 +1,233 @@
+"""One safetensors file per model: consolidate a checkpoint of any layout, and load it back.
+
+``promoe-ds export`` reads only the layout-independent files of a checkpoint tag (``meta.json``,
+``promoe/dense.pt`` and the ``promoe/experts_ep<k>.pt`` of every expert-parallel rank, see
+checkpoint.py), so a checkpoint written by any world size, ZeRO stage and ep_size consolidates the
+same way, on CPU, without a process group. The file holds every parameter under the name it has in
+a 1-process model (the routed experts of each layer concatenated in global-expert order), the EMA
+weights by default, and string metadata:
+
+- ``config``: the model config (JSON), enough to rebuild the model (``load_pretrained``);
+- ``objective``: the objective config (JSON: name, shift, diffusion steps, ...) for the sampler;
+- ``step``, ``weights`` (ema | model), ``promoe_ds_version``, ``source`` (the tag directory),
+  ``train_config`` (the whole training config, for provenance);
+- ``vae`` and ``scale_factor`` of the training latents when the data manifest can be read.
+
+``load_into`` fills a model that may hold only its expert-parallel slice of the routed experts
+(rows ``first_id : first_id + num`` of each routed tensor): the trainer's ``train.init_from``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+import promoe_ds
+from promoe_ds.checkpoint import LATEST, META, complete_tags
+from promoe_ds.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
+from promoe_ds.models.dit import DiT, build_model
+
+WEIGHTS = ("ema", "model")
+ROUTED = ".routed_experts."  # in the name of every routed-expert tensor (split over expert-parallel ranks)
+
+
+# ---- checkpoint -> tensors ---------------------------------------------------------------------
+
+def find_tag_dir(path: str | Path, tag: str | None = None) -> Path:
+    """``path`` is a run directory, its ``checkpoints/`` directory or a tag directory; ``tag``
+    (default: the one ``latest`` names) picks a tag in the first two cases."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"--checkpoint: {str(p)!r} is not a directory")
+    if (p / META).is_file() or (p / "promoe").is_dir():  # a tag directory (maybe incomplete)
+        if tag and tag not in (LATEST, p.name):
+            raise ConfigError(f"--tag {tag}: --checkpoint {str(p)!r} is already a tag directory")
+        return p
+    ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    tags = complete_tags(ckpt_dir)
+    if not tag or tag == LATEST:
+        if not (ckpt_dir / LATEST).is_file():
+            raise ConfigError(f"--checkpoint: no {LATEST!r} file in {str(ckpt_dir)!r}, so no complete checkpoint "
+                              f"to export (complete tags: {', '.join(tags) or 'none'})")
+        tag = (ckpt_dir / LATEST).read_text().strip()
+    if not (ckpt_dir / tag).is_dir():
+        raise ConfigError(f"--tag: no tag {tag!r} in {str(ckpt_dir)!r} (complete tags: {', '.join(tags) or 'none'})")
+    return ckpt_dir / tag
+
+
+def model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of the 1-process model, from the config alone (meta device)."""
+    with torch.device("meta"):
+        return {n: tuple(p.shape) for n, p in DiT(cfg).named_parameters()}
+
+
+def consolidate(tag_dir: Path, weights: str = "ema") -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors of the 1-process model, meta.json) of a complete checkpoint tag; ConfigError naming
+    what is missing when the tag cannot be fully consolidated."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f"--weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
+    if not (tag_dir / META).is_file():
+        raise ConfigError(f"checkpoint {str(tag_dir)!r} is incomplete: {META} absent (it is written last, so the "
+                          f"job stopped while saving this tag); complete tags: "
+                          f"{', '.join(complete_tags(tag_dir.parent)) or 'none'}")
+    meta = json.loads((tag_dir / META).read_text())
+    cfg = model_config_from_dict(meta["config"]["model"])
+    shapes = model_shapes(cfg)
+    own = tag_dir / "promoe"
+    expert_files = [f"experts_ep{k:04d}.pt" for k in range(meta["ep_size"])] if any(ROUTED in n for n in shapes) else []
+    missing = [name for name in ["dense.pt", *expert_files] if not (own / name).is_file()]
+    if missing:
+        raise ConfigError(f"cannot consolidate {str(tag_dir)!r}: {', '.join(missing)} absent from {str(own)!r} "
+                          f"(written with ep_size={meta['ep_size']}: needs dense.pt and "
+                          f"{len(expert_files)} expert files experts_ep0000.pt ...)")
+
+    def read(name):  # mmap: an XL-sized checkpoint is not copied into memory twice
+        return torch.load(own / name, map_location="cpu", weights_only=True, mmap=True)
+
+    state = {n: e[weights] for n, e in read("dense.pt").items()}
+    pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for name in expert_files:
+        shard = read(name)
+        for n, e in shard["params"].items():
+            pieces.setdefault(n, []).append((shard["first_id"][n.rsplit(ROUTED, 1)[0]], e[weights]))
+    for n, parts in pieces.items():  # global-expert order; the slices must tile 0..routed-1
+        parts.sort(key=lambda p: p[0])
+        starts = [sum(len(t) for _, t in parts[:i]) for i in range(len(parts))]
+        if [f for f, _ in parts] != starts:
+            raise ConfigError(f"cannot consolidate {str(tag_dir)!r}: the expert files' slices of {n} start at "
+                              f"experts {[f for f, _ in parts]}, not {starts}")
+        state[n] = torch.cat([t for _, t in parts])
+    check_shapes({n: tuple(t.shape) for n, t in state.items()}, shapes, f"checkpoint {str(tag_dir)!r}", "its model config")
+    return state, meta
+
+
+def check_shapes(have: dict[str, tuple], want: dict[str, tuple], what: str, against: str) -> None:
+    missing = sorted(want.keys() - have.keys())
+    extra = sorted(have.keys() - want.keys())
+    wrong = [n for n in want if n in have and have[n] != want[n]]
+    if missing or extra or wrong:
+        first = (f"{missing[0]} missing" if missing else f"unexpected {extra[0]}" if extra else
+                 f"{wrong[0]} is {list(have[wrong[0]])}, {against} has {list(want[wrong[0]])}")
+        raise ConfigError(f"{what} does not match {against}: {len(missing)} missing, {len(extra)} unexpected, "
+                          f"{len(wrong)} mis-shaped parameters, e.g. {first}")
+
+
+def latent_info(train_config: dict) -> dict[str, str]:
+    """VAE id and latent scale factor of the training data, when its manifest is readable."""
+    data = train_config.get("data", {})
+    if data.get("source") != "wds":
+        return {}
+    try:
+        from promoe_ds.data import read_manifest
+
+        manifest = read_manifest(Path(data["path"]))
+    except (OSError, ValueError):
+        return {}
+    return {"vae": str(manifest["vae"]), "scale_factor": repr(float(manifest["scale_factor"]))}
+
+
+def export(checkpoint: str | Path, out: str | Path, tag: str | None = None, weights: str = "ema") -> dict:
+    """``promoe-ds export``: consolidate and write atomically (``OUT.tmp`` then rename). Returns the
+    metadata written."""
+    tag_dir = find_tag_dir(checkpoint, tag)
+    state, meta = consolidate(tag_dir, weights)
+    train_config = meta["config"]
+    metadata = {
+        "config": json.dumps(train_config["model"]),
+        "objective": json.dumps(train_config["objective"]),
+        "step": str(meta["step"]),
+        "weights": weights,
+        "promoe_ds_version": promoe_ds.__version__,
+        "source": str(tag_dir.resolve()),
+        "train_config": json.dumps(train_config),
+        **latent_info(train_config),
+    }
+    write_safetensors(state, metadata, Path(out))
+    return metadata
+
+
+def write_safetensors(state: dict[str, torch.Tensor], metadata: dict[str, str], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        save_file({n: t.contiguous() for n, t in state.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---- file -> model -----------------------------------------------------------------------------
+
+def _unreadable(path, e: Exception) -> ConfigError:
+    return ConfigError(f"cannot read weights file {str(path)!r}: {e} (truncated, corrupt or not a safetensors file?)")
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise _unreadable(path, e) from None
+    if "config" not in meta:
+        raise ConfigError(f"weights file {str(path)!r} has no 'config' metadata: not written by `promoe-ds export`")
+    return meta
+
+
+def _config_diff(meta: dict[str, str], cfg: ModelConfig) -> str:
+    theirs, ours = json.loads(meta["config"]), to_dict(cfg)
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+
+    a, b = dict(flat(theirs)), dict(flat(ours))
+    diff = [f"model.{k}: {a.get(k)!r} in the file, {b.get(k)!r} here" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and k != "preset"]
+    return f" ({'; '.join(diff)})" if diff else ""
+
+
+@torch.no_grad()
+def load_into(model: DiT, path: str | Path) -> dict[str, str]:
+    """Copy the weights of an exported file into ``model``, which may hold only a slice of the routed
+    experts (expert parallelism); ConfigError if the file's model differs in any shape. Returns the
+    file's metadata."""
+    meta = read_metadata(path)
+    params = dict(model.named_parameters())
+    want, rows = {}, {}  # full (1-process) shape of each parameter; this rank's rows of routed ones
+    for name, p in params.items():
+        want[name] = tuple(p.shape)
+        if ROUTED in name:
+            layer = model.get_submodule(name.rsplit(ROUTED, 1)[0])
+            want[name] = (layer.spec.routed, *p.shape[1:])
+            rows[name] = slice(layer.routed_experts.first_id, layer.routed_experts.first_id + layer.routed_experts.num)
+    try:
+        with safe_open(str(path), "pt", device="cpu") as f:
+            have = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+            try:
+                check_shapes(have, want, f"weights file {str(path)!r}", "this model")
+            except ConfigError as e:
+                raise ConfigError(f"{e}{_config_diff(meta, model.cfg)}") from None
+            for name, p in params.items():
+                p.copy_(f.get_slice(name)[rows[name]] if name in rows else f.get_tensor(name))
+    except (SafetensorError, OSError) as e:
+        raise _unreadable(path, e) from None
+    return meta
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> DiT:
+    """The model of an exported file, rebuilt from its metadata alone, in eval mode on ``device``
+    with the fastest expert backend for it."""
+    from promoe_ds.models.experts import resolve_backend
+
+    cfg = model_config_from_dict(json.loads(read_metadata(path)["config"]))
+    model = build_model(cfg)
+    load_into(model, path)
+    device = torch.device(device)
+    backend = resolve_backend(cfg.moe.backend, device)
+    for layer in model.moe_layers():
+        layer.routed_experts.backend = backend
+    return model.to(device).eval()
