@@ -261,8 +261,9 @@ STUB = """#!/bin/bash
 if [[ $1 == -c ]]; then exec {python} "$@"; fi  # train.sbatch's config check
 for a in "$@"; do case $a in train.out_dir=*) out=${a#train.out_dir=};; esac; done
 echo "stub rank ${SLURM_PROCID} start (restart ${SLURM_RESTART_COUNT:-0})"
-if [[ "${SLURM_RESTART_COUNT:-0}" -ge 1 ]]; then echo "stub rank ${SLURM_PROCID} done"; exit 0; fi
-trap 'echo "stub rank ${SLURM_PROCID} got USR1"; [[ ${SLURM_PROCID} == 0 ]] && echo x > "$out/got_usr1"; exit 99' USR1
+n=${SLURM_RESTART_COUNT:-0}
+if [[ $n -ge 2 ]]; then echo "stub rank ${SLURM_PROCID} done"; exit 0; fi
+trap 'echo "stub rank ${SLURM_PROCID} got USR1 ($n)"; [[ ${SLURM_PROCID} == 0 ]] && echo x > "$out/got_usr1_$n"; exit 99' USR1
 while :; do sleep 0.2; done
 """
 
@@ -272,23 +273,39 @@ while :; do sleep 0.2; done
 def test_time_limit_warning_signal_reaches_tasks(cluster, job_dir):
     """The real `#SBATCH --signal=USR1@600`: shrinking the job's time limit to 10 min makes
     slurmctld send the warning (at its next periodic check); the tasks get USR1, not the batch
-    shell, and exit 99; the job requeues and its next start ends normally."""
+    shell, and exit 99; the job requeues. Its second start is signalled through the batch shell
+    only (`scancel --batch`, as `--signal=B:USR1@...` would): the script forwards it to the tasks.
+    The third start ends normally."""
     stub = job_dir / "stub.sh"
     stub.write_text(STUB.replace("{python}", sys.executable))
     stub.chmod(0o755)
     jid, run_dir, log = _submit(cluster, job_dir, "warn", "", env={"PYTHON": str(stub)})
-    _wait_log(cluster, jid, log, r"^stub rank 1 start", timeout=60)
-    _wait_log(cluster, jid, log, r"^stub rank 0 start", timeout=60)
+    _wait_log(cluster, jid, log, r"^stub rank 1 start \(restart 0\)", timeout=60)
+    _wait_log(cluster, jid, log, r"^stub rank 0 start \(restart 0\)", timeout=60)
     cluster.scontrol("update", f"JobId={jid}", "TimeLimit=10")  # 10 min left <= 600 s warning
     _wait_requeued(cluster, jid, log, 1, timeout=120)
     text = _read(log)
-    assert "stub rank 0 got USR1" in text and "stub rank 1 got USR1" in text, text
+    assert "stub rank 0 got USR1 (0)" in text and "stub rank 1 got USR1 (0)" in text, text
     assert "batch step got" not in text, text  # delivered to the job steps directly
-    assert (run_dir / "got_usr1").exists()
+    assert (run_dir / "got_usr1_0").exists()
+    assert f"requeueing job {jid} (restart #1)" in text, text
+
     cluster.release_requeued(jid, TimeLimit="30")
-    _wait_done(cluster, jid, log, timeout=90)
+    _wait_log(cluster, jid, log, r"^stub rank 1 start \(restart 1\)", timeout=60)
+    _wait_log(cluster, jid, log, r"^stub rank 0 start \(restart 1\)", timeout=60)
+    r = cluster.scancel("--batch", "--signal=USR1", str(jid))
+    assert r.returncode == 0, r.stderr
+    _wait_requeued(cluster, jid, log, 2, timeout=60)
     text = _read(log)
-    assert "stub rank 0 start (restart 1)" in text and "stub rank 1 done" in text, text
+    assert "batch step got SIGUSR1: forwarding to the training tasks" in text, text
+    assert "stub rank 0 got USR1 (1)" in text and "stub rank 1 got USR1 (1)" in text, text
+    assert f"requeueing job {jid} (restart #2)" in text, text
+
+    cluster.release_requeued(jid)
+    info = _wait_done(cluster, jid, log, timeout=90)
+    assert info["Restarts"] == "2", info
+    text = _read(log)
+    assert "stub rank 0 start (restart 2)" in text and "stub rank 1 done" in text, text
 
 
 @pytest.mark.slow
