@@ -128,15 +128,14 @@ def _tar_members(path: Path):
     Python's tarfile parses only ~18k headers/s, too slow for 4 members per sample; the shards from
     data_prep.encode are plain ustar (no pax or GNU headers), which this reads at >100k members/s.
     """
+    url = str(path)
     with open(path, "rb", buffering=1 << 20) as f:
         while True:
             header = f.read(512)
-            if len(header) < 512:
-                raise EOFError(f"truncated tar (no end-of-archive block) at byte {f.tell()}")
-            if header.count(0) == 512:
-                return
             if header[257:262] != b"ustar":
-                raise ValueError(f"not a ustar header at byte {f.tell() - 512}")
+                if len(header) == 512 and not header.strip(b"\0"):
+                    return  # end-of-archive block
+                raise ValueError(f"no ustar header at byte {f.tell() - len(header)} (truncated or not a tar)")
             size = int(header[124:136].strip(b"\0 "), 8)
             data = f.read(size)
             if len(data) < size:
@@ -145,8 +144,9 @@ def _tar_members(path: Path):
             kind = header[156:157]
             if kind in (b"0", b"\0"):
                 name = header[:100].rstrip(b"\0").decode()
-                prefix = header[345:500].rstrip(b"\0").decode()
-                yield {"fname": f"{prefix}/{name}" if prefix else name, "data": data, "__url__": str(path)}
+                if header[345]:  # ustar prefix of a long name
+                    name = header[345:500].rstrip(b"\0").decode() + "/" + name
+                yield {"fname": name, "data": data, "__url__": url}
             elif kind != b"5":  # directories are skipped
                 raise ValueError(f"unsupported tar member type {kind!r}: shards must be plain ustar")
 
@@ -226,9 +226,10 @@ class _Plan:
             except (KeyError, ValueError, OSError, EOFError) as e:
                 errors["bad_samples"] += 1
                 log.warning("skipping sample %s in %s: %s: %s", s.get("__key__"), s.get("__url__"), type(e).__name__, e)
-        stats = torch.from_numpy(stats[:len(labels)])
-        z = torch.randn(len(labels), *self.latent_shape, generator=g)
-        z.mul_(stats[:, 1].float().mul_(0.5).exp_()).add_(stats[:, 0].float()).mul_(self.scale)
+        stats = torch.from_numpy(stats[:len(labels)]).float()
+        eps = torch.randn(len(labels), *self.latent_shape, generator=g)
+        std = stats[:, 1].mul_(0.5).exp_()
+        z = torch.addcmul(stats[:, 0], std, eps, out=eps).mul_(self.scale)
         return z, torch.tensor(labels, dtype=torch.int64)
 
 
