@@ -13,7 +13,8 @@ flip), ``cls`` (class index) and ``src`` (path relative to --data).
 The sorted image list is cut into fixed shards of --shard-size images; each process takes every
 n-th shard of its range. A shard is written to ``shard-XXXXXX.tar.tmp``, renamed, then recorded in
 ``records/shard-XXXXXX.json``; recorded shards are skipped on restart, so a killed run is resumed
-by running the same command again. ``manifest.json`` is written when every shard has a record.
+by running the same command again. Whichever process finishes last (every shard recorded) writes
+``manifest.json``.
 """
 from __future__ import annotations
 
@@ -284,9 +285,7 @@ def main(argv=None) -> None:
     print(f"[process {state.process_index}/{state.num_processes}] {encoded} images encoded (x2 views), "
           f"{skipped} skipped, in {seconds:.1f}s = {encoded / max(seconds, 1e-9):.1f} img/s; "
           f"{len(todo)} shards written, {len(mine) - len(todo)} already complete")
-    state.wait_for_everyone()
-    if state.is_main_process:
-        finalize(args.out)
+    finalize(args.out)  # the last process to finish writes the manifest: no barrier, ranks may end hours apart
 
 
 if __name__ == "__main__":
