@@ -15,9 +15,10 @@ Shard source (``data.source: wds``), over the shards of ``<data.path>/manifest.j
   buffer (seeded by seed, epoch, rank, worker), picks one of the two stored views per sample (the
   flip augmentation) and draws z = mean + exp(logvar / 2) * eps with a generator seeded per batch.
 * Order. Every worker of a rank yields the same number of batches per epoch (padded with short or
-  empty batches when its shards hold fewer samples), so the DataLoader's round-robin order is fixed;
-  ``next_batch`` re-cuts that stream into ``micro_batch`` rows, so an epoch's tail and the next
-  epoch's head may share a batch.
+  empty batches when its shards hold fewer samples; resampled: whole batches only, the tail of the
+  random draw is dropped), so the DataLoader's round-robin order is fixed. Workers live across
+  epochs. ``next_batch`` re-cuts that stream into ``micro_batch`` rows, so an epoch's tail and the
+  next epoch's head may share a batch.
 * Resume position (``state_dict``): ``{"epoch", "batch", "offset"}`` = the next sample to return is
   row ``offset`` of worker batch ``batch`` of epoch ``epoch`` of this rank's stream. Loading it
   rebuilds epoch ``epoch``, lets each worker skip its consumed batches (raw tar reading through the
