@@ -50,6 +50,72 @@ def cmd_train(args) -> int:
     return train_main(args.config, args.overrides)
 
 
+def cmd_export(args) -> None:
+    from promoe_ds.export import export
+
+    meta = export(args.checkpoint, args.out, tag=args.tag, weights=args.weights)
+    print(f"exported {args.weights} weights of step {meta['step']} ({meta['source']}) -> {args.out}")
+
+
+def cmd_sample(args) -> None:
+    from promoe_ds.sample import main_sample
+
+    main_sample(args)
+
+
+def cmd_eval(args) -> None:
+    from promoe_ds.evaluate import main_eval
+
+    main_eval(args.samples, args.ref, args.inception, batch_size=args.batch_size, device=args.device)
+
+
+def cmd_quickstart(args) -> None:
+    from promoe_ds.quickstart import main as quickstart_main
+
+    quickstart_main(args.out, args.steps)
+
+
+def add_stage_subparsers(sub) -> None:
+    """export / sample / eval / quickstart (issue 5)."""
+    s = sub.add_parser("export", help="consolidate a checkpoint (any layout) into one .safetensors file")
+    s.add_argument("--checkpoint", required=True, help="run directory, its checkpoints/ directory or a tag directory")
+    s.add_argument("--tag", help="checkpoint tag, e.g. step_00100000 (default: the one 'latest' names)")
+    s.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA (default, used for every "
+                                                                              "reported result) or raw weights")
+    s.add_argument("--out", required=True, help="output .safetensors file")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("sample", help="images (PNGs, grid, ADM .npz) from an exported file; 1 CPU, 1 or many GPUs")
+    s.add_argument("--weights", required=True, help="exported .safetensors (promoe-ds export)")
+    s.add_argument("--num", type=int, default=64, help="number of images (50000 for FID-50K)")
+    s.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale; 1.0 = off")
+    s.add_argument("--steps", type=int, default=250, help="Euler steps (flow) or respaced steps (ddpm)")
+    s.add_argument("--classes", default="", help="comma-separated class indices (cycled), 'all' (0..K-1 cycled: "
+                                                "class-balanced), or empty: a random class per sample")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="output folder (default samples/<weights>-cfg<s>-steps<n>-seed<seed>)")
+    s.add_argument("--vae", help="hub id or local AutoencoderKL directory (default: the one the training latents "
+                                 "were encoded with, from the file's metadata, else stabilityai/sd-vae-ft-ema)")
+    s.add_argument("--batch-size", type=int, default=32, help="images per forward pass and rank (x2 with CFG)")
+    s.add_argument("--device", default="auto", help="auto (this rank's GPU, else CPU) | cpu | cuda | cuda:N")
+    s.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 autocast on GPU, fp32 on CPU")
+    s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("eval", help="FID, sFID, IS, precision, recall of a sample .npz (ADM protocol)")
+    s.add_argument("--samples", required=True, help="ADM-format .npz of generated images (promoe-ds sample)")
+    s.add_argument("--ref", required=True, help="reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
+    s.add_argument("--inception", required=True, help="FID Inception-v3 weights (see docs/evaluate.md)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("quickstart", help="the whole pipeline on a CPU in minutes: toy data -> train -> sample")
+    s.add_argument("--out", default="runs/quickstart")
+    s.add_argument("--steps", type=int, default=None, help="training steps (default: configs/quickstart.yaml)")
+    s.set_defaults(func=cmd_quickstart)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="promoe-ds", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -68,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     from promoe_ds.scaling import add_subparser as add_scaling_report  # slurm/scaling.sh's report
 
     add_scaling_report(sub)
+    add_stage_subparsers(sub)
     return p
 
 

@@ -1,0 +1,132 @@
+"""Sampling: CFG passes, determinism across ranks, resumability, outputs, VAE decoding."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dist_utils import TINY, spawn_local
+from promoe_ds import load_pretrained
+from promoe_ds.cli import main as cli
+from promoe_ds.config import load_config, to_dict
+from promoe_ds.diffusion import build_objective
+from promoe_ds.export import write_safetensors
+from promoe_ds.models.dit import build_model
+from promoe_ds.quickstart import tiny_vae
+from promoe_ds.sample import class_labels, generate, guided
+
+LATENT = 8  # tiny_cpu.yaml: 4x8x8 latents; the 2-level test VAE decodes them to 16x16 pictures
+
+
+def weights_file(path, objective="flow"):
+    """A random tiny ProMoE (non-zero output layer) in the export format."""
+    cfg = load_config(TINY, [f"objective.name={objective}", "model.depth=2"])
+    model = build_model(cfg.model, seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    write_safetensors(dict(model.state_dict()), {"config": json.dumps(to_dict(cfg.model)), "step": "0",
+                                                 "objective": json.dumps(to_dict(cfg.objective)), "weights": "model",
+                                                 "promoe_ds_version": "test", "source": "test"}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sample")
+    tiny_vae(d / "vae", levels=2)
+    return {"flow": weights_file(d / "flow.safetensors"), "ddpm": weights_file(d / "ddpm.safetensors", "ddpm"),
+            "vae": d / "vae"}
+
+
+def sample_args(files, out, objective="flow", *extra):
+    return ["sample", "--weights", str(files[objective]), "--vae", str(files["vae"]), "--out", str(out), "--steps", "3",
+            "--batch-size", "2", *extra]
+
+
+class Counting(torch.nn.Module):
+    """The model, counting forward passes and their batch sizes / null labels."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+        self.cfg, self.num_classes = model.cfg, model.num_classes
+
+    def forward(self, x, t, y):
+        self.calls.append((x.shape[0], int((y == self.num_classes).sum())))
+        return self.model(x, t, y)
+
+
+@pytest.mark.parametrize("objective", ["flow", "ddpm"])
+def test_cfg_one_pass_per_step(files, objective):
+    model = Counting(load_pretrained(files[objective]))
+    obj = build_objective(load_config(None, {"objective": {"name": objective}}).objective)
+    idx = [0, 1, 2]
+    y = class_labels(idx, [4, 5, 6], 10, 0)
+    generate(model, obj, idx, y, steps=4, cfg_scale=1.0, seed=0)
+    assert model.calls == [(3, 0)] * 4  # scale 1: exactly one conditional pass per step
+    model.calls.clear()
+    generate(model, obj, idx, y, steps=4, cfg_scale=1.5, seed=0)
+    assert model.calls == [(6, 3)] * 4  # one pass over [x, x] with labels [y, null] per step
+
+
+def test_cfg_combines_conditional_and_null_label_passes(files):
+    model = load_pretrained(files["ddpm"])
+    x, t, y = torch.randn(3, 4, LATENT, LATENT), torch.tensor([10.0, 500.0, 900.0]), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        out = guided(model, y, 1.5)(x, t)
+        c = model(x, t, y)[0]
+        u = model(x, t, torch.full_like(y, 10))[0]  # null label: the unconditional expert (Appendix B)
+    torch.testing.assert_close(out[:, :4], u[:, :4] + 1.5 * (c[:, :4] - u[:, :4]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[:, 4:], c[:, 4:], rtol=1e-5, atol=1e-6)  # variance: conditional pass
+    assert not torch.allclose(c, u)
+
+
+def test_outputs_resume_and_settings_check(files, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert cli(sample_args(files, out, "flow", "--num", "5", "--classes", "1,2", "--cfg-scale", "1.5")) == 0
+    pngs = sorted((out / "samples").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
+    npz = np.load(out / "samples.npz")
+    assert npz["arr_0"].shape == (5, 2 * LATENT, 2 * LATENT, 3) and npz["arr_0"].dtype == np.uint8
+    assert npz["arr_1"].tolist() == [1, 2, 1, 2, 1]
+    assert np.array_equal(np.asarray(Image.open(pngs[3])), npz["arr_0"][3])
+    assert npz["arr_0"].std() > 0
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape == (2 * (2 * LATENT + 2) + 2, 3 * (2 * LATENT + 2) + 2, 3)  # 5 images: 2 rows of 3
+    assert "sampled 5 new images" in capsys.readouterr().out
+
+    original = npz["arr_0"].copy()
+    pngs[3].unlink()
+    Image.fromarray(np.zeros_like(original[1])).save(pngs[1])  # an existing PNG is skipped, not redone
+    assert cli(sample_args(files, out, "flow", "--num", "6", "--classes", "1,2", "--cfg-scale", "1.5")) == 0
+    assert "sampled 2 new images" in capsys.readouterr().out  # 000003 again and the new 000005
+    arr = np.load(out / "samples.npz")["arr_0"]
+    assert arr.shape[0] == 6 and np.array_equal(arr[3], original[3]) and not arr[1].any()
+
+    assert cli(sample_args(files, out, "flow", "--num", "6", "--classes", "1,2", "--cfg-scale", "2.0")) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_same_images_on_one_and_two_processes(files, tmp_path):
+    """Random classes and DDPM's per-step noise: sample i depends on (seed, i) only."""
+    args = ["--num", "7", "--cfg-scale", "1.5", "--seed", "3"]
+    assert cli(sample_args(files, tmp_path / "one", "ddpm", *args)) == 0
+    procs = spawn_local(2, [sys.executable, "-m", "promoe_ds.cli", *sample_args(files, tmp_path / "two", "ddpm", *args)],
+                        log_dir=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
+    one, two = np.load(tmp_path / "one/samples.npz"), np.load(tmp_path / "two/samples.npz")
+    assert np.array_equal(one["arr_1"], two["arr_1"]) and len(set(one["arr_1"].tolist())) > 1
+    assert np.array_equal(one["arr_0"], two["arr_0"])
+    assert "sampled 7 new images on 2 rank(s)" in (tmp_path / "rank0.log").read_text()
+
+
+def test_unloadable_vae_is_a_clear_error(files, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for vae, message in ((tmp_path / "empty", "cannot load the VAE"), (tmp_path / "absent", "absent")):
+        with pytest.raises(SystemExit, match=message):
+            cli(["sample", "--weights", str(files["flow"]), "--vae", str(vae), "--out", str(tmp_path / "s"),
+                 "--num", "1", "--steps", "2"])
