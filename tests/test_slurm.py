@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from slurm_env import SlurmCluster, SlurmError, slurm_unavailable
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slurm_env import SlurmCluster, SlurmError, slurm_unavailable  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_DIR = REPO / "slurm"
