@@ -10,6 +10,7 @@ full); the target is >= 5,000 samples/s per rank (10x an H100 training ProMoE-XL
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -55,6 +56,7 @@ def main() -> None:
     p.add_argument("--shuffle-buffer", type=int, default=2000)
     p.add_argument("--seconds", type=float, default=10.0)
     args = p.parse_args()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
@@ -64,7 +66,9 @@ def main() -> None:
         for w in args.workers:
             cfg = DataConfig(source="wds", path=str(data), num_workers=w, shuffle_buffer=args.shuffle_buffer, resampled=True)
             rows.append(("wds", w, measure(cfg, args.micro_batch, args.seconds)))
-    print(f"\nlatents {'x'.join(map(str, SHAPE))}, micro_batch {args.micro_batch}, shuffle_buffer {args.shuffle_buffer}")
+    print(f"\nlatents {'x'.join(map(str, SHAPE))}, micro_batch {args.micro_batch}, shuffle_buffer "
+          f"{args.shuffle_buffer}; {os.cpu_count()} CPUs, load average {load_before:.1f} before / "
+          f"{os.getloadavg()[0]:.1f} after (other processes compete for the cores)")
     print(f"{'source':<10} {'workers':>7} {'samples/s':>10}")
     for name, w, rate in rows:
         print(f"{name:<10} {w:>7} {rate:>10,.0f}")
