@@ -69,7 +69,7 @@ def make_layer(spec="E6A1S1U1", dim=16, **kw):
     return layer
 
 
-@pytest.mark.parametrize("spec", ["E6A1S1U1", "E6A2S1U1", "E7A2S1U2"])
+@pytest.mark.parametrize("spec", ["E6A1S1U1", "E6A2S1U1", "E7A2S1U2", "E8A2S2U1"])
 @pytest.mark.parametrize("with_uncond", [True, False])
 def test_layer_matches_algorithm1(spec, with_uncond):
     torch.manual_seed(0)

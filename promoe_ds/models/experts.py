@@ -127,12 +127,11 @@ class ExpertGroup(nn.Module):
         self.b2.zero_()
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum of every expert applied to every token (shared and unconditional experts, Eq. 5)."""
-        out = None
-        for e in range(self.num):
-            y = F.linear(_gelu(F.linear(x, self.w1[e], self.b1[e])), self.w2[e], self.b2[e])
-            out = y if out is None else out + y
-        return out
+        """Sum of every expert applied to every token (shared experts, Eq. 5): the E experts as one
+        MLP of width E*H, sum_e W2_e gelu(W1_e x + b1_e) + b2_e, in two plain GEMMs."""
+        w1 = self.w1.reshape(self.num * self.hidden, self.dim)
+        w2 = self.w2.permute(1, 0, 2).reshape(self.dim, self.num * self.hidden)
+        return F.linear(_gelu(F.linear(x, w1, self.b1.reshape(-1))), w2, self.b2.sum(0))
 
     def extra_repr(self) -> str:
         return f"num={self.num}, dim={self.dim}, hidden={self.hidden}, first_id={self.first_id}"
