@@ -24,6 +24,7 @@ from promoe_ds.config import ConfigError
 
 COLUMNS = ["run", "nodes", "gpus", "global_batch", "per_gpu_batch", "img_per_sec", "img_per_sec_per_gpu",
            "speedup", "efficiency", "intervals", "steps"]
+CSV_COLUMNS = COLUMNS + ["wallclock_img_per_sec", "path"]
 HEADERS = {"run": "run", "nodes": "nodes", "gpus": "GPUs", "global_batch": "global batch",
            "per_gpu_batch": "per-GPU batch", "img_per_sec": "img/s", "img_per_sec_per_gpu": "per-GPU img/s",
            "speedup": "speedup", "efficiency": "efficiency", "intervals": "intervals", "steps": "steps"}
@@ -89,13 +90,27 @@ def summarize(run_dir: str | Path, skip: int = 1) -> dict:
     if any(int(r.get("world_size", world)) != world or int(r.get("global_batch", batch)) != batch for r in kept):
         raise ScalingError(f"{run_dir}: world_size / global_batch change within the run; give one layout per directory")
     ips = sum(r["img_per_sec"] for r in kept) / len(kept)
+    wall = _wallclock_rate(records, skip)
     ips_gpu = sum(r.get("img_per_sec_per_gpu", r["img_per_sec"] / world) for r in kept) / len(kept)
     nodes = _nodes(run_dir, records)
     return {"run": run_dir.name if run_dir.name else str(run_dir), "path": str(run_dir), "nodes": nodes,
             "gpus": world, "global_batch": batch, "per_gpu_batch": batch / world if world else float("nan"),
-            "img_per_sec": ips, "img_per_sec_per_gpu": ips_gpu, "intervals": len(kept),
+            "img_per_sec": ips, "img_per_sec_per_gpu": ips_gpu, "wallclock_img_per_sec": wall,
+            "intervals": len(kept),
             "steps": f"{kept[0]['step']}-{kept[-1]['step']}" if len(kept) > 1 else str(kept[0]["step"]),
             "warmup_only": warmup_only}
+
+
+def _wallclock_rate(records: list[dict], skip: int) -> float:
+    """Images per second from the records' steps, global batch and wall-clock ``time`` over the
+    post-warm-up intervals of each start: an independent check of the logged ``img_per_sec``."""
+    images, seconds = 0.0, 0.0
+    for seg in split_starts(records):
+        for a, b in zip(seg[max(skip, 1) - 1:], seg[max(skip, 1):]):
+            if "time" in a and "time" in b and b["time"] > a["time"]:
+                images += (b["step"] - a["step"]) * b.get("global_batch", 0)
+                seconds += b["time"] - a["time"]
+    return images / seconds if seconds > 0 else float("nan")
 
 
 def _nodes(run_dir: Path, records: list[dict]) -> int:
@@ -194,12 +209,17 @@ def main_scaling_report(run_dirs: list[str], out: str, skip: int = 1) -> list[di
              f"(run {base['run']}, {base['gpus']} GPU{'s' if base['gpus'] != 1 else ''}); speedup = img/s / {base['img_per_sec']:.2f}. "
              f"First {skip} logged interval(s) of every start skipped as warm-up."]
     for r in rows:
+        wall = r["wallclock_img_per_sec"]
+        if math.isfinite(wall) and wall > 0 and not 0.75 < r["img_per_sec"] / wall < 1.33:
+            notes.append(f"warning: {r['run']}: logged {r['img_per_sec']:.1f} img/s but steps x global batch / "
+                         f"wall clock gives {wall:.1f} img/s (x{r['img_per_sec'] / wall:.2f}; gradient accumulation, "
+                         "checkpoint or eval time?)")
         if r["warmup_only"]:
             notes.append(f"warning: {r['run']} logged too few intervals to skip the warm-up; its number includes it.")
     md = f"# Scaling report\n\n{table}\n\n" + "\n".join(notes) + "\n"
     prefix.with_suffix(".md").write_text(md)
     with open(prefix.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS + ["path"], extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in r.items()})

@@ -185,3 +185,16 @@ def test_errors_name_the_run(tmp_path):
     r = subprocess.run([sys.executable, "-m", "promoe_ds.cli", "scaling-report", str(tmp_path / "nope"), "--out",
                         str(tmp_path / "x")], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "nope" in r.stderr
+
+
+def test_wallclock_cross_check(tmp_path, capsys):
+    # 10 steps x 512 images per 10 s = 512 img/s by the wall clock, but 1024 logged (as when
+    # gradient-accumulation micro-steps are counted as steps): kept, with a warning.
+    d = _write(tmp_path / "n2", [_rec(10, 1024.0, 0), _rec(20, 1024.0, 10), _rec(30, 1024.0, 20)])
+    s = summarize(d)
+    assert s["img_per_sec"] == 1024.0 and s["wallclock_img_per_sec"] == pytest.approx(512.0)
+    main_scaling_report([str(d)], str(tmp_path / "r"))
+    assert "warning: n2: logged 1024.0 img/s but steps x global batch / wall clock gives 512.0" in capsys.readouterr().out
+    ok = _write(tmp_path / "ok", [_rec(10, 512.0, 0), _rec(20, 512.0, 10), _rec(30, 512.0, 20)])
+    main_scaling_report([str(ok)], str(tmp_path / "r2"))
+    assert "warning" not in capsys.readouterr().out

@@ -264,7 +264,11 @@ for a in "$@"; do case $a in train.out_dir=*) out=${a#train.out_dir=};; esac; do
 echo "stub rank ${SLURM_PROCID} start (restart ${SLURM_RESTART_COUNT:-0})"
 n=${SLURM_RESTART_COUNT:-0}
 if [[ $n -ge 2 ]]; then echo "stub rank ${SLURM_PROCID} done"; exit 0; fi
-trap 'echo "stub rank ${SLURM_PROCID} got USR1 ($n)"; [[ ${SLURM_PROCID} == 0 ]] && echo x > "$out/got_usr1_$n"; exit 99' USR1
+# start 0: a trainer with its handler installed (checkpoint, exit 99); start 1: one still starting
+# up, which SIGUSR1's default action kills (srun exit code 138)
+if [[ $n -eq 0 ]]; then
+    trap 'echo "stub rank ${SLURM_PROCID} got USR1 ($n)"; [[ ${SLURM_PROCID} == 0 ]] && echo x > "$out/got_usr1_$n"; exit 99' USR1
+fi
 while :; do sleep 0.2; done
 """
 
@@ -275,8 +279,9 @@ def test_time_limit_warning_signal_reaches_tasks(cluster, job_dir):
     """The real `#SBATCH --signal=USR1@600`: shrinking the job's time limit to 10 min makes
     slurmctld send the warning (at its next periodic check); the tasks get USR1, not the batch
     shell, and exit 99; the job requeues. Its second start is signalled through the batch shell
-    only (`scancel --batch`, as `--signal=B:USR1@...` would): the script forwards it to the tasks.
-    The third start ends normally."""
+    only (`scancel --batch`, as `--signal=B:USR1@...` would): the script forwards it to the tasks,
+    which die of it as a trainer still starting up would (exit 138): requeued as well. The third
+    start ends normally."""
     stub = job_dir / "stub.sh"
     stub.write_text(STUB.replace("{python}", sys.executable))
     stub.chmod(0o755)
@@ -299,7 +304,7 @@ def test_time_limit_warning_signal_reaches_tasks(cluster, job_dir):
     _wait_requeued(cluster, jid, log, 2, timeout=60)
     text = _read(log)
     assert "batch step got SIGUSR1: forwarding to the training tasks" in text, text
-    assert "stub rank 0 got USR1 (1)" in text and "stub rank 1 got USR1 (1)" in text, text
+    assert "training tasks ended with exit code 138" in text and "killed by SIGUSR1 during start-up" in text, text
     assert f"requeueing job {jid} (restart #2)" in text, text
 
     cluster.release_requeued(jid)
