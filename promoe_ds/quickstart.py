@@ -106,7 +106,7 @@ def main(out: str | Path = "runs/quickstart", steps: int | None = None, per_clas
     from promoe_ds.export import export
     from promoe_ds.sample import main_sample
 
-    out = Path(out)
+    out = Path(out).resolve()  # the manifest and the export metadata record the VAE's path
     t_start, times = time.time(), {}
     toy_dir, vae_dir, shards, run_dir = out / "toy", out / "vae", out / "shards", out / "train"
     weights, samples = out / "ema.safetensors", out / "samples"

@@ -177,7 +177,7 @@ def main_sample(args) -> dict:
         device = torch.device(args.device)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     todo = [i for i in range(rank, args.num, world) if not (png_dir / f"{i:06d}.png").is_file()]
-    t0 = time.time()
+    dt = 0.0
     if todo:
         from data_prep.encode import load_vae  # one VAE loader for encoding and decoding
 
@@ -193,6 +193,7 @@ def main_sample(args) -> dict:
                               f"{model.cfg.in_channels}")
         bar = tqdm(total=len(todo), unit="img", desc=f"sampling ({objective_cfg.name}, {args.steps} steps, "
                                                      f"cfg {args.cfg_scale:g})", disable=rank != 0)
+        t0 = time.time()
         for k in range(0, len(todo), args.batch_size):
             batch = todo[k:k + args.batch_size]
             labels = class_labels(batch, classes, num_classes, args.seed)
@@ -202,7 +203,7 @@ def main_sample(args) -> dict:
                 _save_png(img, png_dir / f"{i:06d}.png")
             bar.update(len(batch))
         bar.close()
-    dt = time.time() - t0
+        dt = time.time() - t0
     new = torch.tensor([len(todo)])
     if world > 1:
         dist.all_reduce(new)  # also the barrier before rank 0 reads every rank's PNGs
@@ -222,7 +223,7 @@ def main_sample(args) -> dict:
         np.savez(f, arr_0=images, arr_1=labels)
     os.replace(npz.with_name(npz.name + ".tmp"), npz)
     _save_png(image_grid(images[:GRID_MAX]), grid)
-    rate = f", {len(todo) / dt:.2f} img/s on rank 0" if todo else ""
-    print(f"sampled {int(new)} new images on {world} rank(s) in {dt:.1f}s{rate}; {args.num} images "
+    rate = f" ({len(todo) / dt:.2f} img/s on rank 0, {dt:.1f}s)" if todo else ""
+    print(f"sampled {int(new)} new images on {world} rank(s){rate}; {args.num} images "
           f"{list(images.shape[1:])} -> {npz}, grid {grid}", flush=True)
     return {"npz": npz, "grid": grid, "new": int(new), "seconds": dt}
