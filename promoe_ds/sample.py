@@ -181,9 +181,9 @@ def main_sample(args) -> dict:
     if todo:
         from data_prep.encode import load_vae  # one VAE loader for encoding and decoding
 
+        vae = load_vae(vae_name, device, torch.float32)  # first: the likelier failure (offline hub id)
         model = load_pretrained(args.weights, device)
         objective = build_objective(objective_cfg)
-        vae = load_vae(vae_name, device, torch.float32)
         scale = float(meta.get("scale_factor", vae.config.scaling_factor))
         if abs(scale - vae.config.scaling_factor) > 1e-6 * scale:
             raise ConfigError(f"--vae {vae_name!r} has scaling_factor {vae.config.scaling_factor}, but the model was "
