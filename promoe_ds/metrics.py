@@ -37,7 +37,7 @@ class MetricsLogger:
         self.flops_per_image, self.peak = flops_per_image, peak_flops(device)
         self.sums: dict[str, float] = {}
         self.load = None
-        self.n = 0
+        self.n = self.steps = 0
         self.t0 = time.time()
         self.jsonl = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
         self.wandb = None
@@ -48,12 +48,17 @@ class MetricsLogger:
                                     dir=wandb_cfg.dir or str(out_dir), config=run_config, resume="allow")
 
     def add(self, scalars: dict[str, float], counts: torch.Tensor | None) -> None:
+        """One micro-batch's scalars and expert load."""
         for k, v in scalars.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
         if counts is not None:
             c = counts.detach().to(torch.float64)
             self.load = c if self.load is None else self.load + c
         self.n += 1
+
+    def step(self) -> None:
+        """One optimizer step (global batch) done: throughput counts these, not micro-batches."""
+        self.steps += 1
 
     def log(self, step: int, extra: dict[str, float]) -> dict:
         """Reduce over ranks and print/write; call on every rank."""
@@ -70,7 +75,7 @@ class MetricsLogger:
                 dist.all_reduce(load)
                 load = load.cpu()
         elapsed = time.time() - self.t0
-        ips = self.global_batch * self.n / max(elapsed, 1e-9)
+        ips = self.global_batch * self.steps / max(elapsed, 1e-9)
         rec = {"step": step, **dict(zip(keys, vec.tolist())), **extra, "img_per_sec": ips,
                "img_per_sec_per_gpu": ips / self.world, "world_size": self.world, "global_batch": self.global_batch,
                "time": time.time()}
@@ -94,7 +99,7 @@ class MetricsLogger:
                     for i, row in enumerate(frac.tolist()):
                         flat.update({f"expert_load/layer{i}/e{j}": v for j, v in enumerate(row)})
                 self.wandb.log(flat, step=step)
-        self.sums, self.load, self.n, self.t0 = {}, None, 0, time.time()
+        self.sums, self.load, self.n, self.steps, self.t0 = {}, None, 0, 0, time.time()
         return rec
 
     def close(self) -> None:

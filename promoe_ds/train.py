@@ -76,6 +76,7 @@ class StopFlag:
 
 
 def train(cfg: Config) -> int:
+    stop = StopFlag()  # first: a preemption signal during start-up must not kill the process
     info = init_distributed()
     import deepspeed
     from promoe_ds.parallel.ep import apply_expert_parallel, create_groups
@@ -129,7 +130,6 @@ def train(cfg: Config) -> int:
     forward = engine
     if t.compile:
         forward = torch.compile(engine.module)
-    stop = StopFlag()
     counts = count_params(m)
     logger = MetricsLogger(out_dir, rank, device, t.global_batch, world,
                            train_flops_per_image(m, counts["activated_params"]), cfg.wandb, to_dict(cfg))
@@ -181,6 +181,7 @@ def train(cfg: Config) -> int:
                 logger.add({"loss": losses["loss"].item(), "rcl": aux["rcl"].item(), "lb": aux["lb"].item(),
                             **{k: float(v) for k, v in losses.items() if k != "loss"}}, aux.get("counts"))
         step += 1
+        logger.step()
         if bad:
             skipped += 1
             bad_in_a_row += 1

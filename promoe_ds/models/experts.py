@@ -131,7 +131,8 @@ class ExpertGroup(nn.Module):
         MLP of width E*H, sum_e W2_e gelu(W1_e x + b1_e) + b2_e, in two plain GEMMs."""
         w1 = self.w1.reshape(self.num * self.hidden, self.dim)
         w2 = self.w2.permute(1, 0, 2).reshape(self.dim, self.num * self.hidden)
-        return F.linear(_gelu(F.linear(x, w1, self.b1.reshape(-1))), w2, self.b2.sum(0))
+        # keepdim: a [1, D] bias keeps its shape in the backward (torch.compile returns [D] otherwise)
+        return F.linear(_gelu(F.linear(x, w1, self.b1.reshape(-1))), w2) + self.b2.sum(0, keepdim=True)
 
     def extra_repr(self) -> str:
         return f"num={self.num}, dim={self.dim}, hidden={self.hidden}, first_id={self.first_id}"
