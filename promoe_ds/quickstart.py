@@ -67,7 +67,8 @@ def _stage(n: int, title: str) -> float:
 
 
 def _train(run_dir: Path, shards: Path, steps: int | None) -> None:
-    """2 training ranks; rank 0's log lines are echoed as they come."""
+    """2 training ranks; rank 0's log lines are echoed as they come. If a rank fails, the other is
+    stopped."""
     from promoe_ds.parallel.launch import spawn_local
 
     logs = run_dir / "logs"
@@ -78,7 +79,8 @@ def _train(run_dir: Path, shards: Path, steps: int | None) -> None:
     log, pos = logs / "rank0.log", 0
     try:
         while True:
-            done = all(p.poll() is not None for p in procs)
+            codes = [p.poll() for p in procs]
+            done = all(c is not None for c in codes) or any(codes)  # a failed rank would leave the other hanging
             text = log.read_text(errors="replace") if log.exists() else ""
             for line in text[pos:].splitlines(keepends=True):
                 if not line.endswith("\n") and not done:

@@ -1,6 +1,7 @@
 """The quickstart pipeline end to end (toy data -> VAE -> shards -> 2-process EP training -> export
 -> samples), shortened: 20 training steps, 8 toy images per class, 5 sampling steps."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     for n in range(1, 7):
         assert f"[{n}/6]" in out
-    assert "quickstart done" in out and "step      20" in out
+    assert "quickstart done" in out and re.search(r"step +20 ", out)  # rank 0's training log, echoed
     grid = np.asarray(Image.open(result["grid"]))
     assert grid.shape == (10 * 66 + 2, 10 * 66 + 2, 3)  # 100 images of 64 px, 10 x 10
     meta = read_metadata(result["weights"])
