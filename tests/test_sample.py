@@ -130,3 +130,10 @@ def test_unloadable_vae_is_a_clear_error(files, tmp_path):
         with pytest.raises(SystemExit, match=message):
             cli(["sample", "--weights", str(files["flow"]), "--vae", str(vae), "--out", str(tmp_path / "s"),
                  "--num", "1", "--steps", "2"])
+
+
+def test_eval_cli_hands_the_npz_to_main_eval(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr("promoe_ds.evaluate.main_eval", lambda *a, **kw: seen.update(args=a, kwargs=kw))
+    assert cli(["eval", "--samples", "s.npz", "--ref", "r.npz", "--inception", "w.pth", "--batch-size", "8"]) == 0
+    assert seen == {"args": ("s.npz", "r.npz", "w.pth"), "kwargs": {"batch_size": 8, "device": "auto"}}
