@@ -11,9 +11,9 @@ STEPS=${4:-30}
 PRESET=${5:-ProMoE-XL}
 OUT=${OUT_DIR:-runs/bench}/${PRESET}_n${N}_ep${EP}_b${B}
 rm -rf "$OUT"
-torchrun --standalone --nproc_per_node "$N" -m promoe_ds.cli train --config configs/promoe_xl.yaml \
+python -m torch.distributed.run --standalone --nproc_per_node "$N" -m promoe_ds.cli train --config configs/promoe_xl.yaml \
   model.preset="$PRESET" data.source=synthetic train.steps="$STEPS" train.global_batch=$((B * N)) \
-  train.ep_size="$EP" train.out_dir="$OUT" train.log_every=5 train.ckpt_every=0 train.resume=none \
+  train.ep_size="$EP" train.out_dir="$OUT" train.log_every="${LOG_EVERY:-5}" train.ckpt_every=0 train.resume=none \
   wandb.mode=disabled
 python - "$OUT" <<'PY'
 import json, sys

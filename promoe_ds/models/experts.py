@@ -87,9 +87,11 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
+@torch.compiler.disable  # eager: inductor mis-shapes the gradient of a 1-expert group's concatenated bias
 def run_experts(groups: list["ExpertGroup"], x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Experts of several groups (routed + unconditional) in one backend call: x sorted by expert,
-    counts over the groups' experts in order. Uses the first group's backend."""
+    counts over the groups' experts in order. Uses the first group's backend. Under torch.compile
+    the rest of the model is compiled and this call runs eagerly (one graph break per MoE layer)."""
     names = ("w1", "b1", "w2", "b2")
     if len(groups) == 1:
         params = [getattr(groups[0], n) for n in names]
