@@ -14,7 +14,7 @@ DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
 # keys promoe-ds sets from train.* (a base JSON must not set them: one source of truth)
 OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
-         "scheduler", "gradient_clipping", "bf16", "fp16")
+         "scheduler", "gradient_clipping", "bf16", "fp16", "torch_autocast")
 # other top-level DeepSpeed keys a base JSON may set
 ALLOWED = ("zero_optimization", "steps_per_print", "wall_clock_breakdown", "communication_data_type",
            "prescale_gradients", "gradient_predivide_factor", "zero_allow_untested_optimizer", "data_types",
@@ -75,7 +75,10 @@ def build_ds_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict:
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": train.grad_clip,
-        "bf16": {"enabled": bf16},
+        # bf16 autocast (fp32 master weights and gradients, as in the paper's recipe); DeepSpeed's own
+        # "bf16" mode would cast the weights to bf16, and it switches off an outer autocast unless this is set
+        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
+        "bf16": {"enabled": False},
         "optimizer": {"type": "AdamW", "params": {
             "lr": train.lr, "betas": list(train.betas), "eps": 1e-8, "weight_decay": train.weight_decay,
             **({} if offload else {"torch_adam": True})}},

@@ -86,6 +86,7 @@ def train(cfg: Config) -> int:
     preflight(cfg, world)
     ds_cfg = build_ds_config(t, world, on_gpu)
     micro, gas = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
+    bf16 = ds_cfg["torch_autocast"]["enabled"]
     out_dir = Path(t.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     resume_dir = ckpt.find_resume(ckpt_dir, t.resume)
@@ -137,9 +138,9 @@ def train(cfg: Config) -> int:
         print(f"promoe-ds {promoe_ds.__version__}: {m.preset or 'custom'} "
               f"{counts['total_params'] / 1e6:.1f}M params ({counts['activated_params'] / 1e6:.1f}M activated), "
               f"world {world}, ep_size {t.ep_size}, ZeRO-{ds_cfg['zero_optimization'].get('stage', 0)}, "
-              f"micro-batch {micro} x grad-accum {gas}, {'bf16' if ds_cfg['bf16']['enabled'] else 'fp32'}, "
+              f"micro-batch {micro} x grad-accum {gas}, {'bf16 autocast' if bf16 else 'fp32'}, "
               f"experts '{backend}', steps {start} -> {t.steps}", flush=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu and ds_cfg["bf16"]["enabled"])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
 
     def save(step: int) -> None:
         meta = {"step": step, "world_size": world, "ep_size": t.ep_size,
