@@ -60,6 +60,12 @@ def test_ep2_zero2_matches_single_process(tmp_path):
         else:
             assert d0[name] == d1[name], name
     assert list((tmp_path / "two").glob("wandb/offline-run-*")), "wandb offline run not written"
+    # resuming that 2-process checkpoint in 1 process cannot re-split ZeRO partitions: one clear line
+    r = subprocess.run([sys.executable, "-m", "promoe_ds.cli", "train", "--config", str(TINY), *COMMON,
+                        "train.steps=5", "train.ep_size=1", f"train.out_dir={tmp_path / 'two'}"], cwd=REPO,
+                       env=dict(os.environ, DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port())),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "world_size=2, ep_size=2" in r.stderr and "init_from" in r.stderr, r.stderr[-2000:]
 
 
 def _dispatch_worker(rank, world, port, q):
