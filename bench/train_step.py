@@ -33,8 +33,8 @@ CONFIGS = {  # name: (preset, expert backend or None for dense, torch.compile)
 }
 
 
-def bench(name: str, batch: int, steps: int, warmup: int) -> dict:
-    preset, backend, compiled = CONFIGS[name]
+def make_step(preset: str, backend: str | None, compiled: bool, batch: int):
+    """(model cfg, step(i)) for one full train step of ``preset`` on the GPU, rotating 4 batches."""
     cfg = load_config(overrides=[f"model.preset={preset}"])
     dev = torch.device("cuda")
     model = build_model(cfg.model, seed=0).to(dev).train()
@@ -70,6 +70,12 @@ def bench(name: str, batch: int, steps: int, warmup: int) -> dict:
         opt.zero_grad(set_to_none=True)
         ema.update()
 
+    return cfg, step
+
+
+def bench(name: str, batch: int, steps: int, warmup: int) -> dict:
+    cfg, step = make_step(*CONFIGS[name], batch)
+    dev = torch.device("cuda")
     for i in range(warmup):
         step(i)
     torch.cuda.synchronize()
@@ -86,7 +92,7 @@ def bench(name: str, batch: int, steps: int, warmup: int) -> dict:
     peak = peak_flops(dev)
     res = {"config": name, "batch": batch, "img_per_sec": ips, "step_ms": ms,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "mfu": ips * flops / peak if peak else None}
-    del model, fwd, opt, ema, batches
+    del step
     torch.cuda.empty_cache()
     torch._dynamo.reset()
     return res
