@@ -87,12 +87,13 @@ def train(cfg: Config) -> int:
     ds_cfg = build_ds_config(t, world, on_gpu)
     micro, gas = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
     bf16 = ds_cfg["torch_autocast"]["enabled"]
+    zero_stage = ds_cfg["zero_optimization"].get("stage", 0)
     out_dir = Path(t.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     resume_dir = ckpt.find_resume(ckpt_dir, t.resume)
     if resume_dir is not None:
         meta = json.loads((resume_dir / ckpt.META).read_text())
-        ckpt.check_layout(meta, world, t.ep_size, ds_cfg["zero_optimization"].get("stage", 0), resume_dir)
+        ckpt.check_layout(meta, world, t.ep_size, zero_stage, resume_dir)
     m = cfg.model
     latent_shape = (m.in_channels, m.input_size, m.input_size)
     data = build_latent_source(cfg.data, latent_shape=latent_shape, num_classes=m.num_classes, micro_batch=micro,
@@ -121,8 +122,8 @@ def train(cfg: Config) -> int:
 
     start = 0
     if resume_dir is not None:
-        _, rank_state = ckpt.load(engine, model, ema, resume_dir, rank=rank, ep_rank=ep_rank)
-        start = int(json.loads((resume_dir / ckpt.META).read_text())["step"])
+        meta, rank_state = ckpt.load(engine, model, ema, resume_dir, rank=rank, ep_rank=ep_rank)
+        start = int(meta["step"])
         data.load_state_dict(rank_state["data"])
         torch.set_rng_state(rank_state["rng"]["torch"])
         if rank == 0:
@@ -137,14 +138,14 @@ def train(cfg: Config) -> int:
     if rank == 0:
         print(f"promoe-ds {promoe_ds.__version__}: {m.preset or 'custom'} "
               f"{counts['total_params'] / 1e6:.1f}M params ({counts['activated_params'] / 1e6:.1f}M activated), "
-              f"world {world}, ep_size {t.ep_size}, ZeRO-{ds_cfg['zero_optimization'].get('stage', 0)}, "
+              f"world {world}, ep_size {t.ep_size}, ZeRO-{zero_stage}, "
               f"micro-batch {micro} x grad-accum {gas}, {'bf16 autocast' if bf16 else 'fp32'}, "
               f"experts '{backend}', steps {start} -> {t.steps}", flush=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
 
     def save(step: int) -> None:
         meta = {"step": step, "world_size": world, "ep_size": t.ep_size,
-                "zero_stage": ds_cfg["zero_optimization"].get("stage", 0), "config": to_dict(cfg),
+                "zero_stage": zero_stage, "config": to_dict(cfg),
                 "objective": cfg.objective.name, "version": promoe_ds.__version__}
         rank_state = {"data": data.state_dict(), "rng": {"torch": torch.get_rng_state()},
                       "param_digest": ckpt.param_digest(model)}
