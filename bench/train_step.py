@@ -1,19 +1,38 @@
-"""Full train-step benchmark on one GPU: dense DiT-XL vs ProMoE-XL per expert backend.
+"""Train-step benchmarks (issue 7): configurations side by side on one GPU, or weak scaling over GPUs.
 
-One step = flow-matching forward (bf16 autocast) + RCL, backward, grad clip 0.5, fused AdamW,
-EMA update, on 256px latents (4x32x32) with synthetic data. Every configuration runs in the same
-process on the same GPU, so the printed ratios compare like with like.
+One GPU: dense DiT-XL vs ProMoE-XL per expert backend. One step = flow-matching forward (bf16
+autocast) + RCL, backward, grad clip 0.5, fused AdamW, EMA update, on 256px latents (4x32x32) with
+synthetic data. Every configuration runs in the same process on the same GPU, so the printed ratios
+compare like with like. Prints img/s, step ms, peak GiB, MFU and the ratios to compiled dense and
+to the loop reference.
 
     python bench/train_step.py                       # the issue-7 table (batch 32 and 64)
     python bench/train_step.py --batch 64 --configs dense-compiled,grouped,loop --steps 20
 
-Prints img/s, step ms, peak GiB, MFU and the ratios to compiled dense and to the loop reference.
+Several GPUs (--gpus): for each N the real trainer (DeepSpeed ZeRO-2, expert parallel
+ep_size = min(--ep, N)) runs under torchrun on N GPUs of this machine with a fixed per-GPU batch
+(global batch = --batch x N), synthetic latents, no checkpoints, into --out-dir/<name>_n<N>_ep<E>_b<B>.
+Its metrics.jsonl is averaged after the first logged window (warm-up, promoe_ds.scaling); prints
+img/s, img/s per GPU, weak-scaling efficiency (per-GPU img/s / that of the fewest-GPU run) and MFU.
+A launch that fails is a row of the table (its log: <run dir>/launch.log), not the end.
+
+    python bench/train_step.py --gpus 1,2,4,8 --ep 2 --batch 32 --steps 30 [--preset ProMoE-XL]
+    python bench/train_step.py --gpus 1,2 --ep 2 --batch 4 --steps 6 --device cpu   # gloo, configs/tiny_cpu.yaml
+
+--device cpu (the default without CUDA) runs the same launches as CPU processes (gloo, one thread each).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,6 +41,7 @@ from promoe_ds.diffusion import build_objective
 from promoe_ds.ema import EMA
 from promoe_ds.metrics import peak_flops, train_flops_per_image
 from promoe_ds.models.dit import build_model, count_params
+from promoe_ds.scaling import ScalingError, add_ratios, summarize
 
 CONFIGS = {  # name: (preset, expert backend or None for dense, torch.compile)
     "dense": ("DiT-XL", None, False),
@@ -98,14 +118,83 @@ def bench(name: str, batch: int, steps: int, warmup: int) -> dict:
     return res
 
 
+def launch(n: int, args) -> dict:
+    """The trainer on n devices of this machine (torchrun); its throughput from metrics.jsonl, or the error."""
+    ep, b = min(args.ep, n), args.batch[0]
+    out = Path(args.out_dir) / f"{args.preset or Path(args.config).stem}_n{n}_ep{ep}_b{b}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    overrides = [f"model.preset={args.preset}"] if args.preset else []
+    overrides += ["data.source=synthetic", f"train.steps={args.steps}", f"train.global_batch={b * n}",
+                  f"train.ep_size={ep}", f"train.out_dir={out}", f"train.log_every={max(1, args.steps // 6)}",
+                  "train.ckpt_every=0", "train.resume=none", "wandb.mode=disabled"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+           "-m", "promoe_ds.cli", "train", "--config", args.config, *overrides]
+    env = dict(os.environ)
+    if args.device == "cpu":  # CPU processes, one thread each (1 process = 1 "GPU"), gloo
+        env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    row = {"gpus": n, "ep_size": ep, "global_batch": b * n, "path": str(out)}
+    t = time.time()
+    with open(out / "launch.log", "w") as log:
+        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    row["wall_s"] = round(time.time() - t, 1)
+    try:
+        if rc:
+            log = (out / "launch.log").read_text()  # ranks' lines may interleave
+            why = (re.findall(r"^(error: .*?)(?=error:|$)", log, re.M)  # the trainer's one-line config error
+                   or re.findall(r"^(\w*Error: .*)", log, re.M) or ["see launch.log"])  # else the last exception
+            raise ScalingError(f"exit {rc}: {why[-1][:160]}")
+        row.update(summarize(out))
+    except ScalingError as e:
+        row["error"] = str(e)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def scaling(args) -> list[dict]:
+    rows = [launch(n, args) for n in sorted(args.gpus)]
+    add_ratios([r for r in rows if "error" not in r])  # efficiency vs the fewest-GPU run that worked
+    print(f"\n{args.device}, per-GPU batch {args.batch[0]}, {args.steps} steps, config {args.config}"
+          f"{', preset ' + args.preset if args.preset else ''} (first logged window skipped as warm-up)")
+    print("| GPUs | ep_size | global batch | img/s | img/s per GPU | weak-scaling eff. | MFU |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['gpus']} | {r['ep_size']} | {r['global_batch']} | failed: {r['error'][:100]} | | | |")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        print(f"| {r['gpus']} | {r['ep_size']} | {r['global_batch']} | {r['img_per_sec']:.1f} | "
+              f"{r['img_per_sec_per_gpu']:.1f} | {r['efficiency']:.1%} | {mfu} |")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 32 64); with --gpus: one, per GPU (32)")
     ap.add_argument("--configs", default="dense-compiled,grouped,grouped-compiled,megablocks,loop,dense")
-    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--steps", type=int, help="timed steps (default 15); with --gpus: training steps (30)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--gpus", type=lambda s: [int(x) for x in s.split(",")],
+                    help="weak scaling over these GPU counts, e.g. 1,2,4,8")
+    ap.add_argument("--ep", type=int, default=1, help="with --gpus: ep_size = min(EP, GPUs)")
+    ap.add_argument("--preset", help="with --gpus: model.preset override (default: the config's)")
+    ap.add_argument("--config", help="with --gpus: trainer config (default configs/promoe_xl.yaml; CPU: tiny_cpu.yaml)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="with --gpus: cpu = gloo CPU processes, one thread each (default without CUDA)")
+    ap.add_argument("--out-dir", default="runs/bench", help="with --gpus: run directories go here")
     args = ap.parse_args()
+    if args.gpus:
+        args.batch, args.steps = args.batch or [32], args.steps or 30
+        args.config = args.config or ("configs/promoe_xl.yaml" if args.device == "cuda" else "configs/tiny_cpu.yaml")
+        if len(args.batch) != 1:
+            ap.error("--gpus takes one --batch (per GPU)")
+        results = scaling(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return
+    args.batch, args.steps = args.batch or [32, 64], args.steps or 15
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     results = []
     for b in args.batch:

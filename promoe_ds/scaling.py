@@ -92,10 +92,12 @@ def summarize(run_dir: str | Path, skip: int = 1) -> dict:
     ips = sum(r["img_per_sec"] for r in kept) / len(kept)
     wall = _wallclock_rate(records, skip)
     ips_gpu = sum(r.get("img_per_sec_per_gpu", r["img_per_sec"] / world) for r in kept) / len(kept)
+    mfu = [r["mfu"] for r in kept if "mfu" in r]  # logged on GPUs of known peak only
     nodes = _nodes(run_dir, records)
     return {"run": run_dir.name if run_dir.name else str(run_dir), "path": str(run_dir), "nodes": nodes,
             "gpus": world, "global_batch": batch, "per_gpu_batch": batch / world if world else float("nan"),
             "img_per_sec": ips, "img_per_sec_per_gpu": ips_gpu, "wallclock_img_per_sec": wall,
+            "mfu": sum(mfu) / len(mfu) if mfu else None,
             "intervals": len(kept),
             "steps": f"{kept[0]['step']}-{kept[-1]['step']}" if len(kept) > 1 else str(kept[0]["step"]),
             "warmup_only": warmup_only}
@@ -187,8 +189,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def scaling_rows(run_dirs: list[str], skip: int = 1) -> list[dict]:
     if not run_dirs:
         raise ScalingError("no run directories given")
-    rows = sorted((summarize(d, skip) for d in run_dirs), key=lambda r: (r["gpus"], r["nodes"], r["run"]))
-    base = rows[0]
+    return add_ratios(sorted((summarize(d, skip) for d in run_dirs), key=lambda r: (r["gpus"], r["nodes"], r["run"])))
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Speedup (img/s) and weak-scaling efficiency (per-GPU img/s) of each row vs the first one."""
+    base = rows[0] if rows else {}
     for r in rows:
         r["speedup"] = r["img_per_sec"] / base["img_per_sec"] if base["img_per_sec"] else float("nan")
         r["efficiency"] = (r["img_per_sec_per_gpu"] / base["img_per_sec_per_gpu"]
