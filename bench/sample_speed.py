@@ -21,7 +21,6 @@ import torch
 from promoe_ds.config import load_config
 from promoe_ds.diffusion import build_objective
 from promoe_ds.models.dit import build_model
-from promoe_ds.models.experts import resolve_backend
 from promoe_ds.sample import class_labels, generate
 
 
@@ -40,8 +39,7 @@ def main() -> None:
     cfg = load_config(None, [f"model.preset={args.model}"])
     t0 = time.time()
     model = build_model(cfg.model, seed=0)
-    for layer in model.moe_layers():
-        layer.routed_experts.backend = resolve_backend(args.backend, dev)
+    model.set_expert_backend(args.backend, dev)
     model = model.to(dev).eval()
     built = time.time() - t0
     objective = build_objective(cfg.objective)

@@ -16,7 +16,7 @@ Its metrics.jsonl is averaged after the first logged window (warm-up, promoe_ds.
 img/s, img/s per GPU, weak-scaling efficiency (per-GPU img/s / that of the fewest-GPU run) and MFU.
 A launch that fails is a row of the table (its log: <run dir>/launch.log), not the end.
 
-    python bench/train_step.py --gpus 1,2,4,8 --ep 2 --batch 32 --steps 30 [--preset ProMoE-XL]
+    python bench/train_step.py --gpus 1,2,4,8 --ep 2 --batch 32 --steps 30 [--preset ProMoE-XL] [--set train.compile=true]
     python bench/train_step.py --gpus 1,2 --ep 2 --batch 4 --steps 6 --device cpu   # gloo, configs/tiny_cpu.yaml
 
 --device cpu (the default without CUDA) runs the same launches as CPU processes (gloo, one thread each).
@@ -40,7 +40,7 @@ from promoe_ds.config import ObjectiveConfig, load_config
 from promoe_ds.diffusion import build_objective
 from promoe_ds.ema import EMA
 from promoe_ds.metrics import peak_flops, train_flops_per_image
-from promoe_ds.models.dit import build_model, count_params
+from promoe_ds.models.dit import build_model, compile_model, count_params
 from promoe_ds.scaling import ScalingError, add_ratios, summarize
 
 CONFIGS = {  # name: (preset, expert backend or None for dense, torch.compile)
@@ -59,8 +59,9 @@ def make_step(preset: str, backend: str | None, compiled: bool, batch: int):
     dev = torch.device("cuda")
     model = build_model(cfg.model, seed=0).to(dev).train()
     if backend:
-        model.set_expert_backend(backend)
-    fwd = torch.compile(model) if compiled else model
+        model.set_expert_backend(backend, dev)
+    # dense: plain torch.compile (the reference); ProMoE: the trainer's compile (train.compile=true)
+    fwd = (compile_model(model) if backend else torch.compile(model)) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
     ema = EMA(model, 0.9999)
     objective = build_objective(ObjectiveConfig())
@@ -127,7 +128,7 @@ def launch(n: int, args) -> dict:
     overrides = [f"model.preset={args.preset}"] if args.preset else []
     overrides += ["data.source=synthetic", f"train.steps={args.steps}", f"train.global_batch={b * n}",
                   f"train.ep_size={ep}", f"train.out_dir={out}", f"train.log_every={max(1, args.steps // 6)}",
-                  "train.ckpt_every=0", "train.resume=none", "wandb.mode=disabled"]
+                  "train.ckpt_every=0", "train.resume=none", "wandb.mode=disabled", *args.set]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
            "-m", "promoe_ds.cli", "train", "--config", args.config, *overrides]
     env = dict(os.environ)
@@ -184,6 +185,8 @@ def main():
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
                     help="with --gpus: cpu = gloo CPU processes, one thread each (default without CUDA)")
     ap.add_argument("--out-dir", default="runs/bench", help="with --gpus: run directories go here")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="with --gpus: more trainer overrides, e.g. train.compile=true")
     args = ap.parse_args()
     if args.gpus:
         args.batch, args.steps = args.batch or [32], args.steps or 30

@@ -221,13 +221,9 @@ def load_into(model: DiT, path: str | Path) -> dict[str, str]:
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> DiT:
     """The model of an exported file, rebuilt from its metadata alone, in eval mode on ``device``
     with the fastest expert backend for it."""
-    from promoe_ds.models.experts import resolve_backend
-
     cfg = model_config_from_dict(json.loads(read_metadata(path)["config"]))
     model = build_model(cfg)
     load_into(model, path)
     device = torch.device(device)
-    backend = resolve_backend(cfg.moe.backend, device)
-    for layer in model.moe_layers():
-        layer.routed_experts.backend = backend
+    model.set_expert_backend(cfg.moe.backend, device)
     return model.to(device).eval()

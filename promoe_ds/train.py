@@ -26,8 +26,7 @@ from promoe_ds.diffusion import build_objective
 from promoe_ds.ds_config import batch_layout, build_ds_config
 from promoe_ds.ema import EMA
 from promoe_ds.metrics import MetricsLogger, train_flops_per_image
-from promoe_ds.models.dit import build_model, count_params
-from promoe_ds.models.experts import resolve_backend
+from promoe_ds.models.dit import build_model, compile_model, count_params
 from promoe_ds.parallel.launch import init_distributed
 
 PREEMPTED_EXIT = 99
@@ -105,8 +104,7 @@ def train(cfg: Config) -> int:
     is_moe = m.moe.router != "none"
     ep_rank = create_groups(t.ep_size) if is_moe else 0
     model = build_model(m, seed=t.seed, ep_size=t.ep_size, ep_rank=ep_rank)
-    backend = resolve_backend(m.moe.backend, device)
-    model.set_expert_backend(backend)
+    backend = model.set_expert_backend(m.moe.backend, device)
     model.grad_checkpoint = t.grad_checkpoint
     if t.init_from and resume_dir is None:
         from promoe_ds.export import load_into
@@ -131,7 +129,7 @@ def train(cfg: Config) -> int:
 
     forward = engine
     if t.compile:
-        forward = torch.compile(engine.module)
+        forward = compile_model(engine.module)
     counts = count_params(m)
     logger = MetricsLogger(out_dir, rank, device, t.global_batch, world,
                            train_flops_per_image(m, counts["activated_params"]), cfg.wandb, to_dict(cfg))

@@ -282,3 +282,125 @@ def test_promoe_s_forward_backward_batch8():
     assert aux["counts"].shape == (6, 12) and aux["counts"].sum() == 6 * 6 * 256
     assert model.blocks[1].mlp.prototypes.grad is not None
     assert model.blocks[1].mlp.uncond_experts.w1.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ expert backends and torch.compile (CPU)
+
+
+def rel_err(a, b):
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+
+
+@pytest.mark.parametrize("spec", ["E6A1S1U1", "E8A2S2U1", "E7A2S1U2"])
+def test_grouped_backend_matches_algorithm1(spec):
+    # torch._grouped_mm runs on the CPU too (float32 / bf16): the grouped path is checked here, not only on GPU
+    torch.manual_seed(0)
+    layer = make_layer(spec)
+    null = 10
+    X = torch.randn(4, 9, 16, dtype=torch.float64, requires_grad=True)
+    c = torch.tensor([1, null, 3, null])
+    ref, ref_loss = algorithm1(layer, X, c, null, 0.07)
+    gy = torch.randn_like(ref)
+    g_ref = torch.autograd.grad((ref * gy).sum() + ref_loss, [X] + list(layer.parameters()))
+    layer = layer.float()
+    layer.routed_experts.backend = layer.uncond_experts.backend = "grouped"
+    X32 = X.detach().float().requires_grad_()
+    out, aux = layer(X32, c != null)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux["rcl"].double(), ref_loss, rtol=1e-5, atol=1e-5)
+    g = torch.autograd.grad((out * gy.float()).sum() + aux["rcl"], [X32] + list(layer.parameters()))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_grouped_matches_loop_under_bf16_autocast_and_routing_stays_fp32(device):
+    torch.manual_seed(0)
+    layer = make_layer("E8A2S1U1", dim=32).float().to(device)
+    X = torch.randn(4, 16, 32).to(device)
+    cond = torch.tensor([True, False, True, True], device=device)
+    with torch.no_grad():
+        _, aux32 = layer(X, cond)  # no autocast
+    res = {}
+    for backend in ("loop", "grouped"):
+        layer.routed_experts.backend = layer.uncond_experts.backend = backend
+        layer.zero_grad()
+        x = X.clone().requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y, aux = layer(x, cond)
+        (y.float().square().mean() + aux["rcl"]).backward()
+        res[backend] = (y.float(), x.grad, layer.routed_experts.w1.grad, layer.prototypes.grad)
+        # Eq. 4 cosines and Eq. 6 are computed in float32 under autocast: same routing, same loss
+        torch.testing.assert_close(aux["counts"], aux32["counts"])
+        torch.testing.assert_close(aux["rcl"], aux32["rcl"], rtol=1e-6, atol=1e-6)
+    for a, b in zip(res["grouped"], res["loop"]):
+        assert rel_err(a, b) < 2e-2
+
+
+def test_backend_choice_and_errors():
+    model = build_model(tiny_cfg())
+    assert model.set_expert_backend("auto", "cpu") == "loop"
+    assert model.set_expert_backend("grouped", "cpu") == "grouped"
+    assert model.blocks[1].mlp.uncond_experts.backend == "grouped"
+    with pytest.raises(ConfigError, match="model.moe.backend: 'megablocks' needs a CUDA device"):
+        model.set_expert_backend("megablocks", "cpu")
+    odd = build_model(tiny_cfg(**{"model.moe.expert_mlp_ratio": 1.5, "model.hidden_size": 36}))  # widths 36, 54
+    with pytest.raises(ConfigError, match="multiples of 8"):
+        odd.set_expert_backend("grouped", "cpu")
+    assert odd.set_expert_backend("auto", "cuda") == "loop"
+
+
+def test_activation_checkpointing_same_gradients():
+    model = build_model(tiny_cfg()).train()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.adaLN_modulation[-1].weight.normal_(std=0.02)
+    x, t, y = torch.randn(4, 4, 8, 8), torch.rand(4) * 1000, torch.tensor([1, 10, 3, 4])
+    res = []
+    for ckpt in (False, True):
+        model.grad_checkpoint = ckpt
+        model.zero_grad()
+        out, aux = model(x, t, y)
+        (out.square().mean() + aux["aux_loss"]).backward()
+        res.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in res[0].items():
+        torch.testing.assert_close(res[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_model_is_one_graph_and_matches_eager(device):
+    """With grouped experts the whole forward, MoE layers included, is one torch.compile graph
+    (no graph break, no host sync, also with activation checkpointing) and the compiled train step's
+    loss and gradients match eager (on the GPU this also guards against inductor's mix-order-reduction
+    gradient bugs)."""
+    from promoe_ds.models.dit import compile_model
+
+    model = build_model(tiny_cfg()).train().to(device)
+    with torch.no_grad():  # open adaLN-Zero gates so every weight gets a gradient
+        for blk in model.blocks:
+            blk.adaLN_modulation[-1].weight.normal_(std=0.02)
+        model.final_layer.linear.weight.normal_(std=0.02)
+    model.set_expert_backend("grouped", device)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 4, 8, 8, generator=g).to(device), (torch.rand(4, generator=g) * 1000).to(device)
+    y = torch.tensor([1, 10, 3, 4], device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16)  # inductor's grouped GEMM wants bf16
+
+    def step(fwd):
+        model.zero_grad()
+        with autocast:
+            out, aux = fwd(x, t, y)
+            loss = out.float().square().mean() + aux["aux_loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss, grads = step(model)
+    model.grad_checkpoint = True  # the large presets' setting: activation checkpointing per block
+    with autocast:
+        explained = torch._dynamo.explain(model)(x, t, y)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    torch._dynamo.reset()
+    loss_c, grads_c = step(compile_model(model))
+    torch.testing.assert_close(loss_c, loss, rtol=1e-3, atol=1e-4)
+    for name, grad in grads.items():
+        assert rel_err(grads_c[name], grad) < 3e-2, name

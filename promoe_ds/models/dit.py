@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from promoe_ds.config import ModelConfig
+from promoe_ds.models.experts import resolve_backend
 from promoe_ds.models.moe import MoEMLP
 
 
@@ -163,12 +164,17 @@ class DiT(nn.Module):
     def moe_layers(self) -> list[MoEMLP]:
         return [self.blocks[i].mlp for i in self.moe_blocks]
 
-    def set_expert_backend(self, backend: str) -> None:
-        """loop | grouped | megablocks for every routed and unconditional expert group."""
-        for layer in self.moe_layers():
+    def set_expert_backend(self, name: str, device: torch.device | str) -> str:
+        """Resolves model.moe.backend for ``device`` (auto -> the fastest there), sets it on every
+        routed and unconditional expert group and returns it."""
+        layers = self.moe_layers()
+        widths = (layers[0].routed_experts.dim, layers[0].routed_experts.hidden) if layers else ()
+        backend = resolve_backend(name, torch.device(device), widths)
+        for layer in layers:
             for group in (layer.routed_experts, layer.uncond_experts):
                 if group is not None:
                     group.backend = backend
+        return backend
 
     def unpatchify(self, x):
         c, p = self.out_channels, self.cfg.patch_size
@@ -220,6 +226,16 @@ def collect_aux(auxes: list[dict], like: torch.Tensor) -> dict:
 
 def build_model(cfg: ModelConfig, *, seed: int = 0, ep_size: int = 1, ep_rank: int = 0) -> DiT:
     return DiT(cfg, seed=seed, ep_size=ep_size, ep_rank=ep_rank)
+
+
+def compile_model(model: nn.Module):
+    """torch.compile for training. With the ``grouped`` experts the whole forward (MoE layers included)
+    is one graph on one GPU. Inductor's mix-order reduction (on by default since torch 2.10) is turned
+    off: it returns [D] gradients for [1, D] parameters (pytorch#178080: seen here on the H100 for the
+    1-expert unconditional group's bias) and can silently corrupt adaLN-style gradients (pytorch#193061)."""
+    options = ({"triton.mix_order_reduction": False}
+               if "triton.mix_order_reduction" in torch._inductor.list_options() else {})
+    return torch.compile(model, options=options)
 
 
 def count_params(cfg: ModelConfig) -> dict:

@@ -5,7 +5,8 @@ tensors (``w1 [E, H, D]``, ``b1 [E, H]``, ``w2 [E, D, H]``, ``b2 [E, D]``, nn.Li
 expert), so every backend reads the same parameters:
 
 - ``loop``: a Python loop over experts (the reference; any device).
-- ``grouped``: ``torch._grouped_mm`` over the token groups, no loop and no host sync (CUDA, bf16).
+- ``grouped``: ``torch._grouped_mm`` over the token groups, no loop and no host sync (CUDA; CPU too,
+  where torch.compile needs bf16).
 - ``megablocks``: MegaBlocks' grouped GEMM (``megablocks.grouped_gemm_util``), when installed.
 - ``auto``: the fastest one available for the tensors at hand.
 
@@ -19,11 +20,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from promoe_ds.config import ConfigError
+
 
 def _gelu(h: torch.Tensor) -> torch.Tensor:
     return F.gelu(h, approximate="tanh")
 
 
+@torch.compiler.disable  # reads counts on the host: eager under torch.compile
 def loop_experts(x, counts, w1, b1, w2, b2):
     """Reference: one small MLP per expert over its contiguous slice of tokens."""
     outs = []
@@ -43,15 +47,17 @@ def group_onehot(counts, n: int, dtype) -> torch.Tensor:
 
 def grouped_experts(x, counts, w1, b1, w2, b2):
     """torch._grouped_mm: one kernel per GEMM for all experts (offs = cumulative group ends)."""
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     onehot = group_onehot(counts, x.shape[0], dtype)
-    with torch.autocast("cuda", enabled=False):
+    with torch.autocast(dev, enabled=False):
         h = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs) + onehot @ b1
         return torch._grouped_mm(_gelu(h), w2.transpose(-2, -1), offs=offs) + onehot @ b2
 
 
+@torch.compiler.disable  # batch sizes on the host: eager under torch.compile
 def megablocks_experts(x, counts, w1, b1, w2, b2):
     """MegaBlocks' grouped GEMM (CUTLASS); batch sizes are a CPU int64 tensor in its API."""
     from megablocks import grouped_gemm_util as gg  # optional GPU dependency
@@ -76,22 +82,29 @@ def megablocks_available() -> bool:
 BACKENDS = {"loop": loop_experts, "grouped": grouped_experts, "megablocks": megablocks_experts}
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """'auto' -> grouped on CUDA (torch grouped GEMM), loop elsewhere; explicit names are checked."""
+def resolve_backend(name: str, device: torch.device, widths: tuple[int, ...] = ()) -> str:
+    """model.moe.backend for ``device`` and the experts' widths (model and hidden dims).
+    'auto' -> grouped on CUDA (torch grouped GEMM), loop elsewhere; explicit names are checked.
+    Grouped GEMMs need 16-byte aligned rows: widths that are multiples of 8 (bf16)."""
+    aligned = all(w % 8 == 0 for w in widths)
     if name == "auto":
-        return "grouped" if device.type == "cuda" and hasattr(torch, "_grouped_mm") else "loop"
-    if name in ("grouped", "megablocks") and device.type != "cuda":
-        raise ValueError(f"expert backend {name!r} needs a CUDA device (got {device}); use loop or auto")
+        return "grouped" if device.type == "cuda" and hasattr(torch, "_grouped_mm") and aligned else "loop"
+    if name == "grouped" and not hasattr(torch, "_grouped_mm"):
+        raise ConfigError(f"model.moe.backend: 'grouped' needs torch._grouped_mm (torch >= 2.8, this is {torch.__version__})")
+    if name == "megablocks" and device.type != "cuda":
+        raise ConfigError(f"model.moe.backend: 'megablocks' needs a CUDA device (got {device}); use grouped, loop or auto")
     if name == "megablocks" and not megablocks_available():
-        raise ValueError("expert backend 'megablocks' is not installed: see README (GPU install) or use grouped")
+        raise ConfigError("model.moe.backend: 'megablocks' is not installed: see README (GPU install) or use grouped")
+    if name != "loop" and not aligned:
+        raise ConfigError(f"model.moe.backend: {name!r} needs expert widths that are multiples of 8, got {widths}; "
+                          "use loop or auto")
     return name
 
 
-@torch.compiler.disable  # eager: inductor mis-shapes the gradient of a 1-expert group's concatenated bias
 def run_experts(groups: list["ExpertGroup"], x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Experts of several groups (routed + unconditional) in one backend call: x sorted by expert,
-    counts over the groups' experts in order. Uses the first group's backend. Under torch.compile
-    the rest of the model is compiled and this call runs eagerly (one graph break per MoE layer)."""
+    counts over the groups' experts in order. Uses the first group's backend. ``grouped`` traces into
+    the compiled graph; ``loop`` and ``megablocks`` read sizes on the host and run eagerly."""
     names = ("w1", "b1", "w2", "b2")
     if len(groups) == 1:
         params = [getattr(groups[0], n) for n in names]

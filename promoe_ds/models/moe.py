@@ -23,6 +23,8 @@ RCL's expert means are the global mini-batch means whatever the world size.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,6 +36,16 @@ from promoe_ds.models.experts import ExpertGroup, run_experts
 def _atleast_f32(t: torch.Tensor) -> torch.Tensor:
     """Routing math in float32 (or float64 when the model is float64), never in bf16."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def full_precision(fn):
+    """Runs ``fn`` (routing math) with autocast off: autocast would do its cosine / RCL matmuls in bf16."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device
+        with torch.autocast(device.type, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 def expert_counts(exp: torch.Tensor, num: int) -> torch.Tensor:
@@ -56,6 +68,7 @@ def identity_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@full_precision
 def routing_contrastive_loss(x, member, prototypes, tau: float, reduce=identity_reduce):
     """Eq. 6. ``member`` [N, E] marks the routed experts of each conditional token (a token counts in
     the mean of each of its experts). m_i = mean of expert i's tokens; over the N_a experts that got
@@ -76,6 +89,7 @@ def routing_contrastive_loss(x, member, prototypes, tau: float, reduce=identity_
     return torch.where(n_active >= 2, loss, loss * 0.0)
 
 
+@full_precision
 def load_balancing_loss(probs, member, routed_ok, reduce=identity_reduce):
     """Switch-style: E * sum_e f_e * P_e (f_e: fraction of assignments to e, P_e: mean router prob),
     over the routed (conditional) tokens."""
@@ -115,6 +129,7 @@ class MoEMLP(nn.Module):
         self.reduce_stats = identity_reduce
 
     # ---- routing -------------------------------------------------------------------------------
+    @full_precision
     def _scores(self, x):
         if self.router.startswith("promoe"):
             z = self.alpha * F.normalize(_atleast_f32(x), dim=-1) @ F.normalize(_atleast_f32(self.prototypes), dim=-1).T  # Eq. 4

@@ -82,6 +82,7 @@ class AllToAllDispatch:
         self.group, self.ep_size, self.num_local = group, ep_size, num_local
         self.last_recv_counts = None  # [ep_size, num_local] tokens received last call (for tests/stats)
 
+    @torch.compiler.disable  # split sizes are read on the host: eager under torch.compile (a graph break)
     def __call__(self, layer, x, tok, exp, gate):
         n_routed = self.ep_size * self.num_local
         n_uncond = layer.uncond_experts.num if layer.uncond_experts is not None else 0
