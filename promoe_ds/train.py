@@ -172,25 +172,41 @@ def train(cfg: Config) -> int:
             loss = losses["loss"] + aux["aux_loss"]
             finite = torch.isfinite(loss.detach()).float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() == 0 or bad:
-                bad = True  # keep DeepSpeed's accumulation count: zero gradient for this micro-batch
-                loss = sum(p.sum() for p in model.parameters()) * 0.0
+            if finite.item() == 0 or bad:  # from here on, every rank poisons every gradient (see below)
+                bad = True
+                loss = sum(p.sum() for p in model.parameters()) * float("nan")
             engine.backward(loss)
             engine.step()
             if not bad:
                 logger.add({"loss": losses["loss"].item(), "rcl": aux["rcl"].item(), "lb": aux["lb"].item(),
                             **{k: float(v) for k, v in losses.items() if k != "loss"}}, aux.get("counts"))
+        # Skipping a step with a non-finite loss is DeepSpeed's own fp16-overflow skip. The loss check is
+        # all-reduced, so every rank back-propagates the same parameter-only graph (no all-to-all) and makes
+        # every gradient NaN. At the accumulation boundary the ZeRO-1/2 optimizer's step() finds the global
+        # gradient norm non-finite (checked for fp32 master weights too), sets `overflow`, drops the gradients
+        # accumulated over ALL micro-batches of the step and returns before AdamW runs: weights, moments and
+        # AdamW's step count stay bit for bit. The engine counts the step in its skipped_steps, does not step
+        # the LR scheduler and advances its micro/global step counters as usual, so the next step is a normal
+        # one. DeepSpeed also skips steps whose losses were finite but whose gradients were not, so EMA and
+        # the counters follow was_step_applied(). An optimizer without this check (ZeRO-0, or
+        # zero_optimization.compute_grad_norm=false) would have applied the NaNs: stop, never train on.
+        applied = engine.was_step_applied()
         step += 1
         logger.step()
-        if bad:
+        if bad and applied:
+            raise RuntimeError(f"step {step}: DeepSpeed applied an update with non-finite gradients (its optimizer "
+                               "has no overflow skip: use ZeRO-1/2 with zero_optimization.compute_grad_norm=true); "
+                               f"the weights are invalid, resume from the last checkpoint in {ckpt_dir}")
+        if not applied:
             skipped += 1
             bad_in_a_row += 1
             if rank == 0:
-                print(f"step {step}: non-finite loss, update skipped ({bad_in_a_row} in a row, {skipped} total)",
-                      flush=True)
+                print(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row, "
+                      f"{skipped} total)", flush=True)
             if bad_in_a_row >= t.max_bad_steps:
-                raise RuntimeError(f"{bad_in_a_row} non-finite losses in a row at step {step}: aborting "
-                                   f"(train.max_bad_steps={t.max_bad_steps}); last good checkpoint in {ckpt_dir}")
+                raise RuntimeError(f"step {step}: {bad_in_a_row} step(s) in a row skipped for a non-finite loss or "
+                                   f"gradient: aborting (train.max_bad_steps={t.max_bad_steps}); last good "
+                                   f"checkpoint in {ckpt_dir}")
         else:
             bad_in_a_row = 0
             ema.update()
