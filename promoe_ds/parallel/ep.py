@@ -76,40 +76,55 @@ class AllReduceStats:
 class AllToAllDispatch:
     """``dispatch`` hook of MoEMLP under expert parallelism: routed expert ``e`` lives on EP rank
     ``e // num_local``; its tokens are exchanged, computed grouped by local expert, and sent back.
-    Assignments to unconditional experts (ids after the routed ones) are computed locally."""
+    Assignments to unconditional experts (ids after the routed ones) are computed locally.
+
+    Under torch.compile only the two exchanges run eagerly (their split sizes are read on the host);
+    sorting, the expert GEMMs (routed and unconditional) and the gate-weighted sum stay in the
+    compiled graph, with the received token count as a dynamic dimension."""
 
     def __init__(self, group, ep_size: int, num_local: int):
         self.group, self.ep_size, self.num_local = group, ep_size, num_local
         self.last_recv_counts = None  # [ep_size, num_local] tokens received last call (for tests/stats)
 
-    @torch.compiler.disable  # split sizes are read on the host: eager under torch.compile (a graph break)
     def __call__(self, layer, x, tok, exp, gate):
         n_routed = self.ep_size * self.num_local
         n_uncond = layer.uncond_experts.num if layer.uncond_experts is not None else 0
         order = torch.argsort(exp, stable=True)
         tok, gate = tok[order], gate[order]
         counts = expert_counts(exp, n_routed + n_uncond)
+        recv, recv_counts, local = self._send(x.index_select(0, tok), counts, n_routed)
+        ys = run_experts([layer.routed_experts], recv, recv_counts)
+        ys_local = run_experts([layer.uncond_experts], local, counts[n_routed:]) if n_uncond else None
+        back = self._return(ys, ys_local)
+        return torch.zeros_like(x).index_add_(0, tok, (back * gate[:, None].to(back.dtype)).to(x.dtype))
+
+    @torch.compiler.disable  # split sizes on the host: eager under torch.compile (a graph break)
+    def _send(self, xs, counts, n_routed):
+        """-> (tokens received for the local experts, grouped by local expert; their counts per local
+        expert; this rank's tokens for the unconditional experts). Keeps the routes for ``_return``."""
         recv_counts = torch.empty_like(counts[:n_routed])
         dist.all_to_all_single(recv_counts, counts[:n_routed].contiguous(), group=self.group)  # row j: from rank j
-        sizes = torch.cat([counts, recv_counts]).tolist()  # the one host sync: split sizes
-        sent, got = sizes[:n_routed], sizes[n_routed + n_uncond:]
+        sizes = torch.cat([counts[:n_routed], recv_counts]).tolist()  # the one host sync: split sizes
+        sent, got = sizes[:n_routed], sizes[n_routed:]
         in_splits = [sum(sent[r * self.num_local:(r + 1) * self.num_local]) for r in range(self.ep_size)]
         out_splits = [sum(got[r * self.num_local:(r + 1) * self.num_local]) for r in range(self.ep_size)]
         recv_counts = recv_counts.view(self.ep_size, self.num_local)
         self.last_recv_counts = recv_counts
-        xs = x.index_select(0, tok)
         n_sent = sum(in_splits)
         recv = _AllToAll.apply(xs[:n_sent], out_splits, in_splits, self.group)
         # received tokens are ordered (source rank, local expert): regroup by local expert
-        local_id = torch.repeat_interleave(torch.arange(self.num_local, device=x.device).repeat(self.ep_size),
+        local_id = torch.repeat_interleave(torch.arange(self.num_local, device=xs.device).repeat(self.ep_size),
                                            recv_counts.flatten(), output_size=sum(out_splits))
         regroup = torch.argsort(local_id, stable=True)
-        ys = run_experts([layer.routed_experts], recv.index_select(0, regroup), recv_counts.sum(0))
-        back = _AllToAll.apply(ys.index_select(0, torch.argsort(regroup)), in_splits, out_splits, self.group)
-        if n_uncond:  # unconditional experts are replicated: computed here, no exchange
-            back = torch.cat([back, run_experts([layer.uncond_experts], xs[n_sent:], counts[n_routed:])])
-        back = back * gate[:, None].to(back.dtype)
-        return torch.zeros_like(x).index_add_(0, tok, back.to(x.dtype))
+        self._routes = (in_splits, out_splits, torch.argsort(regroup))
+        return recv.index_select(0, regroup), recv_counts.sum(0), xs[n_sent:]
+
+    @torch.compiler.disable
+    def _return(self, ys, ys_local):
+        """Expert outputs back to the ranks their tokens came from, in the order they were sent."""
+        in_splits, out_splits, ungroup = self._routes
+        back = _AllToAll.apply(ys.index_select(0, ungroup), in_splits, out_splits, self.group)
+        return back if ys_local is None else torch.cat([back, ys_local])
 
 
 class ExpertParamsMarker(MoE):
