@@ -45,30 +45,37 @@ def group_onehot(counts, n: int, dtype) -> torch.Tensor:
     return F.one_hot(expert_of_token, len(counts)).to(dtype)
 
 
-def grouped_experts(x, counts, w1, b1, w2, b2):
-    """torch._grouped_mm: one kernel per GEMM for all experts (offs = cumulative group ends)."""
+def _grouped_mlp(gmm, x, counts, w1, b1, w2, b2):
+    """Expert MLPs as two grouped GEMMs ``gmm(tokens, w)`` in the autocast dtype; biases as one-hot GEMMs."""
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
     onehot = group_onehot(counts, x.shape[0], dtype)
     with torch.autocast(dev, enabled=False):
-        h = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs) + onehot @ b1
-        return torch._grouped_mm(_gelu(h), w2.transpose(-2, -1), offs=offs) + onehot @ b2
+        h = gmm(x, w1) + onehot @ b1
+        return gmm(_gelu(h), w2) + onehot @ b2
+
+
+def grouped_experts(x, counts, w1, b1, w2, b2):
+    """torch._grouped_mm: one kernel per GEMM for all experts (offs = cumulative group ends)."""
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    return _grouped_mlp(lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs), x, counts, w1, b1, w2, b2)
 
 
 @torch.compiler.disable  # batch sizes on the host: eager under torch.compile
 def megablocks_experts(x, counts, w1, b1, w2, b2):
-    """MegaBlocks' grouped GEMM (CUTLASS); batch sizes are a CPU int64 tensor in its API."""
+    """MegaBlocks' grouped GEMM (grouped_gemm's CUTLASS kernel, bf16 only); batch sizes are a CPU int64
+    tensor in its API."""
     from megablocks import grouped_gemm_util as gg  # optional GPU dependency
 
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-    x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
+    if not (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16):
+        raise ValueError("expert backend 'megablocks' runs in bf16 only: "
+                         "use bf16 autocast (train.precision=bf16) or grouped")
+    if x.shape[0] == 0:  # CUTLASS rejects an empty problem (an expert-parallel rank that received no token)
+        return loop_experts(x, counts, w1, b1, w2, b2)
     sizes = counts.to("cpu", torch.int64)
-    onehot = group_onehot(counts, x.shape[0], dtype)
-    with torch.autocast("cuda", enabled=False):
-        h = gg.ops.gmm(x, w1, sizes, trans_b=True) + onehot @ b1
-        return gg.ops.gmm(_gelu(h), w2, sizes, trans_b=True) + onehot @ b2
+    return _grouped_mlp(lambda a, w: gg.ops.gmm(a.contiguous(), w, sizes, trans_b=True),
+                        x, counts, w1, b1, w2, b2)
 
 
 def megablocks_available() -> bool:
