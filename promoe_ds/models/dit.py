@@ -202,7 +202,9 @@ class DiT(nn.Module):
         if not torch.compiler.is_compiling():  # the checks read values back from the device
             self.check_inputs(x, t, y)
         cond = y != self.num_classes
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
+        # [B, L, D] row-major: a transposed view here would make torch.compile keep the whole residual
+        # stream channels-first, and every per-token reduction (LayerNorm, Eq. 4 cosine) read with stride L
+        h = self.x_embedder(x).flatten(2).transpose(1, 2).contiguous() + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         auxes = []
         for blk in self.blocks:
