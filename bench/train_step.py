@@ -41,7 +41,7 @@ from promoe_ds.diffusion import build_objective
 from promoe_ds.ema import EMA
 from promoe_ds.metrics import peak_flops, train_flops_per_image
 from promoe_ds.models.dit import build_model, compile_model, count_params
-from promoe_ds.scaling import ScalingError, add_ratios, summarize
+from promoe_ds.scaling import ScalingError, add_ratios, markdown_table, summarize
 
 CONFIGS = {  # name: (preset, expert backend or None for dense, torch.compile)
     "dense": ("DiT-XL", None, False),
@@ -119,6 +119,9 @@ def bench(name: str, batch: int, steps: int, warmup: int) -> dict:
     return res
 
 
+SCALING_COLUMNS = ["gpus", "ep_size", "global_batch", "img_per_sec", "img_per_sec_per_gpu", "efficiency", "mfu"]
+
+
 def launch(n: int, args) -> dict:
     """The trainer on n devices of this machine (torchrun); its throughput from metrics.jsonl, or the error."""
     ep, b = min(args.ep, n), args.batch[0]
@@ -158,15 +161,7 @@ def scaling(args) -> list[dict]:
     add_ratios([r for r in rows if "error" not in r])  # efficiency vs the fewest-GPU run that worked
     print(f"\n{args.device}, per-GPU batch {args.batch[0]}, {args.steps} steps, config {args.config}"
           f"{', preset ' + args.preset if args.preset else ''} (first logged window skipped as warm-up)")
-    print("| GPUs | ep_size | global batch | img/s | img/s per GPU | weak-scaling eff. | MFU |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['gpus']} | {r['ep_size']} | {r['global_batch']} | failed: {r['error'][:100]} | | | |")
-            continue
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"| {r['gpus']} | {r['ep_size']} | {r['global_batch']} | {r['img_per_sec']:.1f} | "
-              f"{r['img_per_sec_per_gpu']:.1f} | {r['efficiency']:.1%} | {mfu} |")
+    print(markdown_table(rows, SCALING_COLUMNS))
     return rows
 
 

@@ -27,7 +27,8 @@ COLUMNS = ["run", "nodes", "gpus", "global_batch", "per_gpu_batch", "img_per_sec
 CSV_COLUMNS = COLUMNS + ["wallclock_img_per_sec", "path"]
 HEADERS = {"run": "run", "nodes": "nodes", "gpus": "GPUs", "global_batch": "global batch",
            "per_gpu_batch": "per-GPU batch", "img_per_sec": "img/s", "img_per_sec_per_gpu": "per-GPU img/s",
-           "speedup": "speedup", "efficiency": "efficiency", "intervals": "intervals", "steps": "steps"}
+           "speedup": "speedup", "efficiency": "efficiency", "intervals": "intervals", "steps": "steps",
+           "ep_size": "ep_size", "mfu": "MFU"}
 
 
 class ScalingError(ConfigError):
@@ -129,8 +130,10 @@ def _nodes(run_dir: Path, records: list[dict]) -> int:
 
 
 def _fmt(key: str, v) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, float):
-        if key == "efficiency":
+        if key in ("efficiency", "mfu"):
             return f"{v:.1%}"
         if key == "speedup":
             return f"{v:.2f}x"
@@ -140,10 +143,16 @@ def _fmt(key: str, v) -> str:
     return str(v)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    head = "| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |"
-    sep = "|" + "|".join("---" if c == "run" else "---:" for c in COLUMNS) + "|"
-    body = ["| " + " | ".join(_fmt(c, r[c]) for c in COLUMNS) + " |" for r in rows]
+def markdown_table(rows: list[dict], columns: list[str] = COLUMNS) -> str:
+    """A row with an ``error`` (a run that could not be measured) shows it in its first empty cell."""
+    head = "| " + " | ".join(HEADERS[c] for c in columns) + " |"
+    sep = "|" + "|".join("---" if c == "run" else "---:" for c in columns) + "|"
+    body = []
+    for r in rows:
+        cells = [_fmt(c, r[c]) if c in r else "" for c in columns]
+        if "error" in r:
+            cells[cells.index("")] = f"failed: {r['error'][:100]}"
+        body.append("| " + " | ".join(cells) + " |")
     return "\n".join([head, sep, *body])
 
 

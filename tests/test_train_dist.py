@@ -98,16 +98,22 @@ def _dispatch_worker(rank, world, port, q):
     dist.destroy_process_group()
 
 
-def test_all_to_all_dispatch_is_dropless_and_exact():
+def spawn_workers(worker, world: int, timeout: float) -> list:
+    """``worker(rank, world, port, queue)`` in ``world`` fresh processes; what each put on the queue."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_dispatch_worker, args=(r, 2, port, q)) for r in range(2)]
+    procs = [ctx.Process(target=worker, args=(r, world, port, q)) for r in range(world)]
     for p in procs:
         p.start()
-    results = [q.get(timeout=120) for _ in procs]
+    results = [q.get(timeout=timeout) for _ in procs]
     for p in procs:
         p.join(30)
+    return results
+
+
+def test_all_to_all_dispatch_is_dropless_and_exact():
+    results = spawn_workers(_dispatch_worker, 2, timeout=120)
     total_routed = sum(r[4] for r in results)
     for rank, same, recv, sent, _, same_grad, grad_mass in results:
         assert same, f"rank {rank}: expert-parallel output differs from the local layer"
@@ -165,16 +171,7 @@ def test_compiled_expert_parallel_only_exchanges_run_eagerly():
     """ep_size 2 under torch.compile: the only graph breaks are the two exchanges (their split sizes
     are read on the host); routing, expert GEMMs and the weighted sum are compiled with the received
     token count dynamic, and loss and gradients match eager over steps with different counts."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_compiled_ep_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = [q.get(timeout=900) for _ in procs]
-    for p in procs:
-        p.join(30)
-    for rank, breaks, worst in results:
+    for rank, breaks, worst in spawn_workers(_compiled_ep_worker, 2, timeout=900):
         assert breaks == {"_send", "_return"}, (rank, breaks)
         for loss_err, grad_err in worst:
             assert loss_err < 1e-4 and grad_err < 3e-2, (rank, worst)

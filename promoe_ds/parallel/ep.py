@@ -101,7 +101,8 @@ class AllToAllDispatch:
     @torch.compiler.disable  # split sizes on the host: eager under torch.compile (a graph break)
     def _send(self, xs, counts, n_routed):
         """-> (tokens received for the local experts, grouped by local expert; their counts per local
-        expert; this rank's tokens for the unconditional experts). Keeps the routes for ``_return``."""
+        expert; this rank's tokens for the unconditional experts). Keeps the routes for ``_return`` on the
+        object: returned, their Python ints would become constants of the compiled graph."""
         recv_counts = torch.empty_like(counts[:n_routed])
         dist.all_to_all_single(recv_counts, counts[:n_routed].contiguous(), group=self.group)  # row j: from rank j
         sizes = torch.cat([counts[:n_routed], recv_counts]).tolist()  # the one host sync: split sizes
