@@ -18,7 +18,7 @@ ap.add_argument("--batch", type=int, default=64)
 ap.add_argument("--preset", default="ProMoE-XL")
 ap.add_argument("--compile", action="store_true")
 args = ap.parse_args()
-_, step = make_step(args.preset, args.backend, args.compile, args.batch)
+_, step = make_step(args.preset, args.backend, "trainer" if args.compile else None, args.batch)
 for i in range(3):
     step(i)
 torch.cuda.synchronize()
