@@ -1,29 +1,118 @@
-"""Profile one ProMoE-XL train step on the GPU (torch.profiler): top CUDA kernels and CPU ops.
+"""Where a train step's time goes, for configurations of bench/train_step.py side by side (GPU).
 
-    python bench/profile_step.py [--backend grouped] [--batch 64] [--compile]
+For each configuration: the step's phases timed with CUDA events (forward with loss, backward, grad
+clipping, AdamW, EMA), then one torch.profiler pass whose CUDA kernels are summed into categories
+(dense GEMM, grouped expert GEMM, attention, inductor's fused kernels, optimizer kernels, ...).
+Prints both as ms per step, one column per configuration plus the difference to the first one, and
+optionally the top kernels of each.
+
+    python bench/profile_step.py                                   # dense-compiled vs grouped-compiled, batch 64
+    python bench/profile_step.py --configs grouped-compiled --top 30
 """
 import argparse
+import re
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_step import make_step  # noqa: E402  (the same step the benchmark times)
+from train_step import CONFIGS, make_step  # noqa: E402  (the step the benchmark times)
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--backend", default="grouped")
-ap.add_argument("--batch", type=int, default=64)
-ap.add_argument("--preset", default="ProMoE-XL")
-ap.add_argument("--compile", action="store_true")
-args = ap.parse_args()
-_, step = make_step(args.preset, args.backend, "trainer" if args.compile else None, args.batch)
-for i in range(3):
-    step(i)
-torch.cuda.synchronize()
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-    for i in range(2):
-        step(i)
-    torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+PHASES = ("forward", "backward", "clip", "optimizer", "ema")
+# first match wins; inductor's kernels are named triton_*, whatever ops they fuse
+CATEGORIES = [
+    ("optimizer, EMA, clip (multi-tensor)", r"multi_tensor_apply|FusedOptimizer|LpNorm"),
+    ("inductor fused (triton)", r"^triton_"),
+    ("grouped GEMM (experts)", r"GroupProblemShape|grouped_gemm|gmm"),
+    ("attention", r"sdpa|flash|fmha|dot_do_o|convert_dq|attention"),
+    ("GEMM", r"nvjet|gemm|cutlass|xmma|cublas"),
+    ("memcpy / memset", r"Memcpy|Memset"),
+    ("other", r""),
+]
+
+
+def category(kernel: str) -> str:
+    return next(name for name, rx in CATEGORIES if re.search(rx, kernel))
+
+
+def phase_ms(step, steps: int) -> dict[str, float]:
+    """Mean ms per phase over ``steps`` steps (events between phase boundaries)."""
+    sums = defaultdict(float)
+    for i in range(steps):
+        events = [torch.cuda.Event(enable_timing=True)]
+        events[0].record()
+        names = []
+
+        def mark(phase):
+            names.append(phase)
+            events.append(torch.cuda.Event(enable_timing=True))
+            events[-1].record()
+
+        step(i, mark)
+        torch.cuda.synchronize()
+        for name, a, b in zip(names, events, events[1:]):
+            sums[name] += a.elapsed_time(b) / steps
+    return dict(sums)
+
+
+def kernel_ms(step, steps: int) -> tuple[dict[str, float], list[tuple[str, float]]]:
+    """CUDA kernel time per category and per kernel, ms per step, from one profiled run of ``steps``."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(i)
+        torch.cuda.synchronize()
+    per_kernel = defaultdict(float)
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA and not evt.is_user_annotation:  # kernels only
+            per_kernel[evt.name] += evt.device_time_total / 1e3 / steps
+    per_cat = defaultdict(float)
+    for name, ms in per_kernel.items():
+        per_cat[category(name)] += ms
+    return dict(per_cat), sorted(per_kernel.items(), key=lambda kv: -kv[1])
+
+
+def table(title: str, rows: list[str], cols: dict[str, dict[str, float]]) -> str:
+    names = list(cols)
+    out = [f"| {title} (ms/step) | " + " | ".join(names) + (f" | {names[-1]} - {names[0]} |" if len(names) > 1 else " |"),
+           "|---" * (len(names) + 1 + (len(names) > 1)) + "|"]
+    for r in rows + ["total"]:
+        vals = [sum(c.values()) if r == "total" else c.get(r, 0.0) for c in cols.values()]
+        diff = f" {vals[-1] - vals[0]:+.1f} |" if len(vals) > 1 else ""
+        out.append(f"| {r} | " + " | ".join(f"{v:.1f}" for v in vals) + " |" + diff)
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default="dense-compiled,grouped-compiled", help=f"of {', '.join(CONFIGS)}")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (phases); the profiler pass takes 2")
+    ap.add_argument("--top", type=int, default=0, help="also print each configuration's top kernels")
+    args = ap.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  batch {args.batch}", flush=True)
+    phases, cats = {}, {}
+    for name in args.configs.split(","):
+        _, step = make_step(*CONFIGS[name], args.batch)
+        for i in range(5):  # compile and warm up
+            step(i)
+        phases[name] = phase_ms(step, args.steps)
+        cats[name], kernels = kernel_ms(step, 2)
+        print(f"{name}: {sum(phases[name].values()):.1f} ms/step", flush=True)
+        if args.top:
+            print("\n".join(f"  {ms:7.2f} ms  {k[:150]}" for k, ms in kernels[:args.top]), flush=True)
+        del step
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    print()
+    print(table("phase", list(PHASES), phases))
+    print()
+    print(table("CUDA kernels", [c for c, _ in CATEGORIES], cats))
+    print("\nstep time not covered by kernels (GPU idle: launch or host overhead, with the per-step sync of the "
+          "phase timing): " + ", ".join(f"{n} {sum(phases[n].values()) - sum(cats[n].values()):.1f} ms" for n in phases))
+
+
+if __name__ == "__main__":
+    main()

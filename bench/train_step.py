@@ -59,7 +59,9 @@ CONFIGS = {  # name: (preset, expert backend or None for dense, compiler)
 
 
 def make_step(preset: str, backend: str | None, compiler: str | None, batch: int):
-    """(model cfg, step(i)) for one full train step of ``preset`` on the GPU, rotating 4 batches."""
+    """(model cfg, step(i, mark=None)) for one full train step of ``preset`` on the GPU, rotating 4
+    batches. ``mark(phase)``, when given, is called at the end of each phase: forward, backward,
+    clip, optimizer, ema (bench/profile_step.py times them)."""
     cfg = load_config(overrides=[f"model.preset={preset}"])
     dev = torch.device("cuda")
     model = build_model(cfg.model, seed=0).to(dev).train()
@@ -78,7 +80,7 @@ def make_step(preset: str, backend: str | None, compiler: str | None, batch: int
         d = objective.draw(batch, shape, g)
         batches.append((torch.randn(batch, *shape, generator=g).to(dev), y.to(dev), {k: v.to(dev) for k, v in d.items()}))
 
-    def step(i):
+    def step(i, mark=lambda phase: None):
         x0, y, draws = batches[i % len(batches)]
         aux = {}
 
@@ -89,11 +91,16 @@ def make_step(preset: str, backend: str | None, compiler: str | None, batch: int
 
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = objective.training_losses(model_fn, x0, draws)["loss"] + aux["aux_loss"]
+        mark("forward")
         loss.backward()
+        mark("backward")
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        mark("clip")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark("optimizer")
         ema.update()
+        mark("ema")
 
     return cfg, step
 

@@ -36,30 +36,33 @@ def loop_experts(x, counts, w1, b1, w2, b2):
     return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[1])
 
 
-def group_onehot(counts, n: int, dtype) -> torch.Tensor:
-    """[n, E] one-hot of each (expert-sorted) token's expert, without a host sync. Per-token biases are
-    added as ``onehot @ b``: its backward is a small GEMM, where ``b[expert_of_token]`` would backward
-    through a sort-based scatter into E rows (measured: 40% of a ProMoE-XL step on an H100)."""
-    expert_of_token = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts,
-                                              output_size=n)
-    return F.one_hot(expert_of_token, len(counts)).to(dtype)
+def _with_ones(a: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [N, K + 8]: a ones column (the bias input) and 7 zero columns (rows stay 16-byte aligned)."""
+    return torch.cat([a, a.new_ones(a.shape[0], 1), a.new_zeros(a.shape[0], 7)], 1)
 
 
-def _grouped_mlp(gmm, x, counts, w1, b1, w2, b2):
-    """Expert MLPs as two grouped GEMMs ``gmm(tokens, w)`` in the autocast dtype; biases as one-hot GEMMs."""
+def _with_bias(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[E, O, K] weights, [E, O] biases -> [E, O, K + 8]: the bias column, then 7 zero columns."""
+    return torch.cat([w, b[..., None], w.new_zeros(*w.shape[:2], 7)], 2)
+
+
+def _grouped_mlp(gmm, x, w1, b1, w2, b2):
+    """Expert MLPs as two grouped GEMMs ``gmm(tokens, w)`` in the autocast dtype. Each bias rides in its GEMM
+    as one more input column, ``[x, 1] @ [W, b]^T``: no per-token bias gather (whose backward is a scatter
+    into E rows) and no extra GEMM; the bias gradient comes out of the weight-gradient GEMM. Under
+    torch.compile the extra columns fuse into the casts that make the bf16 operands anyway."""
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
-    onehot = group_onehot(counts, x.shape[0], dtype)
     with torch.autocast(dev, enabled=False):
-        h = gmm(x, w1) + onehot @ b1
-        return gmm(_gelu(h), w2) + onehot @ b2
+        h = gmm(_with_ones(x), _with_bias(w1, b1))
+        return gmm(_with_ones(_gelu(h)), _with_bias(w2, b2))
 
 
 def grouped_experts(x, counts, w1, b1, w2, b2):
     """torch._grouped_mm: one kernel per GEMM for all experts (offs = cumulative group ends)."""
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    return _grouped_mlp(lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs), x, counts, w1, b1, w2, b2)
+    return _grouped_mlp(lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs), x, w1, b1, w2, b2)
 
 
 @torch.compiler.disable  # batch sizes on the host: eager under torch.compile
@@ -74,8 +77,7 @@ def megablocks_experts(x, counts, w1, b1, w2, b2):
     if x.shape[0] == 0:  # CUTLASS rejects an empty problem (an expert-parallel rank that received no token)
         return loop_experts(x, counts, w1, b1, w2, b2)
     sizes = counts.to("cpu", torch.int64)
-    return _grouped_mlp(lambda a, w: gg.ops.gmm(a.contiguous(), w, sizes, trans_b=True),
-                        x, counts, w1, b1, w2, b2)
+    return _grouped_mlp(lambda a, w: gg.ops.gmm(a.contiguous(), w, sizes, trans_b=True), x, w1, b1, w2, b2)
 
 
 def megablocks_available() -> bool:
