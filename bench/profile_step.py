@@ -26,8 +26,8 @@ PHASES = ("forward", "backward", "clip", "optimizer", "ema")
 CATEGORIES = [
     ("optimizer, EMA, clip (multi-tensor)", r"multi_tensor_apply|FusedOptimizer|LpNorm"),
     ("inductor fused (triton)", r"^triton_"),
-    ("grouped GEMM (experts)", r"GroupProblemShape|grouped_gemm|gmm"),
-    ("attention", r"sdpa|flash|fmha|dot_do_o|convert_dq|attention"),
+    ("attention", r"sdpa|flash|fmha|dot_do_o|convert_dq|attention"),  # before GEMMs: cuDNN names hold "wgmma"
+    ("grouped GEMM (experts)", r"GroupProblemShape|GemmGrouped|grouped_gemm"),
     ("GEMM", r"nvjet|gemm|cutlass|xmma|cublas"),
     ("memcpy / memset", r"Memcpy|Memset"),
     ("other", r""),

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from promoe_ds.cli import main as cli_main
 from promoe_ds.config import ConfigError, ExpertSpec, MoEConfig, load_config
 from promoe_ds.models.dit import build_model, count_params
+from promoe_ds.models.experts import BACKENDS, ExpertGroup
 from promoe_ds.models.moe import MoEMLP, routing_contrastive_loss
 
 # ------------------------------------------------------------------ Algorithm 1, written plainly
@@ -314,6 +315,16 @@ def test_grouped_backend_matches_algorithm1(spec):
     g = torch.autograd.grad((out * gy.float()).sum() + aux["rcl"], [X32] + list(layer.parameters()))
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_backend_without_tokens_gives_zero_gradients():
+    # experts that get no token (an expert-parallel rank, the unconditional expert of a batch without a
+    # null label): empty output, and a zero gradient for every weight, so all ranks reduce the same tensors
+    g = ExpertGroup(3, 16, 32)
+    x = torch.zeros(0, 16, requires_grad=True)
+    y = BACKENDS["grouped"](x, torch.zeros(3, dtype=torch.long), g.w1, g.b1, g.w2, g.b2)
+    y.sum().backward()
+    assert y.shape == (0, 16) and all(p.grad is not None and not p.grad.any() for p in g.parameters())
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

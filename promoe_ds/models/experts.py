@@ -51,6 +51,10 @@ def _grouped_mlp(gmm, x, w1, b1, w2, b2):
     as one more input column, ``[x, 1] @ [W, b]^T``: no per-token bias gather (whose backward is a scatter
     into E rows) and no extra GEMM; the bias gradient comes out of the weight-gradient GEMM. Under
     torch.compile the extra columns fuse into the casts that make the bf16 operands anyway."""
+    if x.shape[0] == 0:  # no token for these experts (an expert-parallel rank, a batch without null label):
+        # grouped kernels reject an empty problem; the output stays tied to the weights (zero gradients), so
+        # every rank produces the same gradients for DeepSpeed to reduce
+        return x.new_zeros(0, w2.shape[1]) + sum(t[:0].sum() for t in (w1, b1, w2, b2))
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
@@ -74,8 +78,6 @@ def megablocks_experts(x, counts, w1, b1, w2, b2):
     if not (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16):
         raise ValueError("expert backend 'megablocks' runs in bf16 only: "
                          "use bf16 autocast (train.precision=bf16) or grouped")
-    if x.shape[0] == 0:  # CUTLASS rejects an empty problem (an expert-parallel rank that received no token)
-        return loop_experts(x, counts, w1, b1, w2, b2)
     sizes = counts.to("cpu", torch.int64)
     return _grouped_mlp(lambda a, w: gg.ops.gmm(a.contiguous(), w, sizes, trans_b=True), x, w1, b1, w2, b2)
 

@@ -53,15 +53,52 @@ def expert_counts(exp: torch.Tensor, num: int) -> torch.Tensor:
     return torch.zeros(num, dtype=torch.long, device=exp.device).scatter_add_(0, exp, torch.ones_like(exp))
 
 
+class _PermuteRows(torch.autograd.Function):
+    """``t[idx]`` for a permutation ``idx`` with inverse ``inv``; the backward is the gather ``grad[inv]``
+    (index_select's own backward is an atomic scatter-add into a zeroed tensor)."""
+
+    @staticmethod
+    def forward(ctx, t, idx, inv):
+        ctx.save_for_backward(inv)
+        return t.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inv,) = ctx.saved_tensors
+        return grad.index_select(0, inv), None, None
+
+
+def expert_order(exp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, inv): the assignments sorted by expert id (stable), and the inverse permutation."""
+    order = torch.argsort(exp, stable=True)
+    inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return order, inv
+
+
+def gather_sorted(x, tok, order, inv):
+    """The assignments' tokens in expert order. ``tok`` None (token choice): assignment a is token
+    a // slots, and the rows move by gathers only, forward and backward."""
+    if tok is None:
+        slots = order.numel() // x.shape[0]
+        return _PermuteRows.apply(x if slots == 1 else x.repeat_interleave(slots, 0), order, inv)
+    return x.index_select(0, tok[order])
+
+
+def combine_sorted(ys, x, tok, order, inv, gate):
+    """sum_j G_j E_j(x) per token (Eq. 5) from the expert outputs ``ys`` (expert order), in x's dtype."""
+    if tok is None:
+        y = _PermuteRows.apply(ys, inv, order).to(x.dtype) * gate[:, None].to(x.dtype)
+        return y.view(x.shape[0], -1, x.shape[1]).sum(1)
+    return torch.zeros_like(x).index_add_(0, tok[order], ys.to(x.dtype) * gate[order, None].to(x.dtype))
+
+
 def local_dispatch(layer: "MoEMLP", x, tok, exp, gate):
     """sum_j G_j E_j(x) over every assignment (Eq. 5), routed and unconditional experts in one call."""
     groups = [g for g in (layer.routed_experts, layer.uncond_experts) if g is not None]
-    order = torch.argsort(exp, stable=True)
-    tok = tok[order]
+    order, inv = expert_order(exp)
     counts = expert_counts(exp, sum(g.num for g in groups))
-    # index_select / index_add (not x[tok]): their backward is an atomic add, not a sort-based scatter
-    ys = run_experts(groups, x.index_select(0, tok), counts) * gate[order, None].to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, tok, ys.to(x.dtype))
+    ys = run_experts(groups, gather_sorted(x, tok, order, inv), counts)
+    return combine_sorted(ys, x, tok, order, inv, gate)
 
 
 def identity_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -140,7 +177,9 @@ class MoEMLP(nn.Module):
 
     def _assign(self, scores, routed_ok):
         """-> (token, expert id, gate) per assignment, and ``member`` [N, E_routed]: the routed experts
-        of each conditional token (for RCL, load balancing and load statistics).
+        of each conditional token (for RCL, load balancing and load statistics). Token choice gives
+        every token the same number of slots, token-major: its token is None (assignment a is token
+        a // slots), which lets the dispatch move rows by gathers only.
         Conditional routing (Sec. 4.1): a null-label token (routed_ok False) goes to every
         unconditional expert with gate 1 (ids E_routed, E_routed + 1, ...), never to a routed one."""
         n, num = scores.shape
@@ -159,8 +198,7 @@ class MoEMLP(nn.Module):
                 gate_u = (j < uncond).to(gate.dtype).expand(n, slots)
                 exp = torch.where(routed_ok[:, None], exp, exp_u)
                 gate = torch.where(routed_ok[:, None], gate, gate_u)
-            tok = torch.arange(n, device=scores.device).repeat_interleave(exp.shape[1])
-            return tok, exp.reshape(-1), gate.reshape(-1), member
+            return None, exp.reshape(-1), gate.reshape(-1), member
         # expert choice: each routed expert takes a fixed quota of the conditional tokens
         n_routed = int(routed_ok.sum())
         quota = min(n_routed, max(1, round(self.ec_capacity * self.top_k * n_routed / num)))

@@ -24,7 +24,7 @@ from deepspeed.utils import groups
 
 from promoe_ds.models.dit import DiT
 from promoe_ds.models.experts import run_experts
-from promoe_ds.models.moe import expert_counts
+from promoe_ds.models.moe import combine_sorted, expert_counts, expert_order, gather_sorted
 
 
 class _AllToAll(torch.autograd.Function):
@@ -89,14 +89,12 @@ class AllToAllDispatch:
     def __call__(self, layer, x, tok, exp, gate):
         n_routed = self.ep_size * self.num_local
         n_uncond = layer.uncond_experts.num if layer.uncond_experts is not None else 0
-        order = torch.argsort(exp, stable=True)
-        tok, gate = tok[order], gate[order]
+        order, inv = expert_order(exp)
         counts = expert_counts(exp, n_routed + n_uncond)
-        recv, recv_counts, local = self._send(x.index_select(0, tok), counts, n_routed)
+        recv, recv_counts, local = self._send(gather_sorted(x, tok, order, inv), counts, n_routed)
         ys = run_experts([layer.routed_experts], recv, recv_counts)
         ys_local = run_experts([layer.uncond_experts], local, counts[n_routed:]) if n_uncond else None
-        back = self._return(ys, ys_local)
-        return torch.zeros_like(x).index_add_(0, tok, (back * gate[:, None].to(back.dtype)).to(x.dtype))
+        return combine_sorted(self._return(ys, ys_local), x, tok, order, inv, gate)
 
     @torch.compiler.disable  # split sizes on the host: eager under torch.compile (a graph break)
     def _send(self, xs, counts, n_routed):
