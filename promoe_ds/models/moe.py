@@ -53,41 +53,45 @@ def expert_counts(exp: torch.Tensor, num: int) -> torch.Tensor:
     return torch.zeros(num, dtype=torch.long, device=exp.device).scatter_add_(0, exp, torch.ones_like(exp))
 
 
-class _PermuteRows(torch.autograd.Function):
-    """``t[idx]`` for a permutation ``idx`` with inverse ``inv``; the backward is the gather ``grad[inv]``
+class _GatherRows(torch.autograd.Function):
+    """Row a of the result is ``t[idx[a] // slots]``, ``idx`` a permutation of ``len(t) * slots`` rows with
+    inverse ``inv``. The backward gathers too: ``grad[inv]``, summed over each row's slots
     (index_select's own backward is an atomic scatter-add into a zeroed tensor)."""
 
     @staticmethod
-    def forward(ctx, t, idx, inv):
+    def forward(ctx, t, idx, inv, slots: int):
         ctx.save_for_backward(inv)
-        return t.index_select(0, idx)
+        ctx.slots = slots
+        return t.index_select(0, idx // slots if slots > 1 else idx)
 
     @staticmethod
     def backward(ctx, grad):
         (inv,) = ctx.saved_tensors
-        return grad.index_select(0, inv), None, None
+        g = grad.index_select(0, inv)
+        return (g.view(-1, ctx.slots, g.shape[1]).sum(1) if ctx.slots > 1 else g), None, None, None
 
 
-def expert_order(exp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, inv): the assignments sorted by expert id (stable), and the inverse permutation."""
+def expert_order(exp: torch.Tensor, tok: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(order, inv): the assignments sorted by expert id (stable), and for token choice (``tok`` None)
+    the inverse permutation that the gathers of ``gather_sorted`` / ``combine_sorted`` use."""
     order = torch.argsort(exp, stable=True)
-    inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return order, inv
+    if tok is not None:
+        return order, None
+    return order, torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
 
 
 def gather_sorted(x, tok, order, inv):
     """The assignments' tokens in expert order. ``tok`` None (token choice): assignment a is token
     a // slots, and the rows move by gathers only, forward and backward."""
     if tok is None:
-        slots = order.numel() // x.shape[0]
-        return _PermuteRows.apply(x if slots == 1 else x.repeat_interleave(slots, 0), order, inv)
+        return _GatherRows.apply(x, order, inv, order.numel() // x.shape[0])
     return x.index_select(0, tok[order])
 
 
 def combine_sorted(ys, x, tok, order, inv, gate):
     """sum_j G_j E_j(x) per token (Eq. 5) from the expert outputs ``ys`` (expert order), in x's dtype."""
     if tok is None:
-        y = _PermuteRows.apply(ys, inv, order).to(x.dtype) * gate[:, None].to(x.dtype)
+        y = _GatherRows.apply(ys, inv, order, 1).to(x.dtype) * gate[:, None].to(x.dtype)
         return y.view(x.shape[0], -1, x.shape[1]).sum(1)
     return torch.zeros_like(x).index_add_(0, tok[order], ys.to(x.dtype) * gate[order, None].to(x.dtype))
 
@@ -95,7 +99,7 @@ def combine_sorted(ys, x, tok, order, inv, gate):
 def local_dispatch(layer: "MoEMLP", x, tok, exp, gate):
     """sum_j G_j E_j(x) over every assignment (Eq. 5), routed and unconditional experts in one call."""
     groups = [g for g in (layer.routed_experts, layer.uncond_experts) if g is not None]
-    order, inv = expert_order(exp)
+    order, inv = expert_order(exp, tok)
     counts = expert_counts(exp, sum(g.num for g in groups))
     ys = run_experts(groups, gather_sorted(x, tok, order, inv), counts)
     return combine_sorted(ys, x, tok, order, inv, gate)

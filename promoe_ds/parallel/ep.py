@@ -89,7 +89,7 @@ class AllToAllDispatch:
     def __call__(self, layer, x, tok, exp, gate):
         n_routed = self.ep_size * self.num_local
         n_uncond = layer.uncond_experts.num if layer.uncond_experts is not None else 0
-        order, inv = expert_order(exp)
+        order, inv = expert_order(exp, tok)
         counts = expert_counts(exp, n_routed + n_uncond)
         recv, recv_counts, local = self._send(gather_sorted(x, tok, order, inv), counts, n_routed)
         ys = run_experts([layer.routed_experts], recv, recv_counts)
