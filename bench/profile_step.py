@@ -10,7 +10,6 @@ optionally the top kernels of each.
     python bench/profile_step.py --configs grouped-compiled --top 30
 """
 import argparse
-import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -18,24 +17,12 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from promoe_ds.profiling import CATEGORIES, by_category, kernel_ms
+
 sys.path.insert(0, str(Path(__file__).parent))
 from train_step import CONFIGS, make_step  # noqa: E402  (the step the benchmark times)
 
-PHASES = ("forward", "backward", "clip", "optimizer", "ema")
-# first match wins; inductor's kernels are named triton_*, whatever ops they fuse
-CATEGORIES = [
-    ("optimizer, EMA, clip (multi-tensor)", r"multi_tensor_apply|FusedOptimizer|LpNorm"),
-    ("inductor fused (triton)", r"^triton_"),
-    ("attention", r"sdpa|flash|fmha|dot_do_o|convert_dq|attention"),  # before GEMMs: cuDNN names hold "wgmma"
-    ("grouped GEMM (experts)", r"GroupProblemShape|GemmGrouped|grouped_gemm"),
-    ("GEMM", r"nvjet|gemm|cutlass|xmma|cublas"),
-    ("memcpy / memset", r"Memcpy|Memset"),
-    ("other", r""),
-]
-
-
-def category(kernel: str) -> str:
-    return next(name for name, rx in CATEGORIES if re.search(rx, kernel))
+PHASES = ("forward", "backward", "clip", "optimizer", "ema")  # make_step's marks
 
 
 def phase_ms(step, steps: int) -> dict[str, float]:
@@ -58,20 +45,13 @@ def phase_ms(step, steps: int) -> dict[str, float]:
     return dict(sums)
 
 
-def kernel_ms(step, steps: int) -> tuple[dict[str, float], list[tuple[str, float]]]:
-    """CUDA kernel time per category and per kernel, ms per step, from one profiled run of ``steps``."""
+def profiled_kernels(step, steps: int) -> dict[str, float]:
+    """CUDA kernel time per kernel, ms per step, from one profiled run of ``steps``."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
             step(i)
         torch.cuda.synchronize()
-    per_kernel = defaultdict(float)
-    for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA and not evt.is_user_annotation:  # kernels only
-            per_kernel[evt.name] += evt.device_time_total / 1e3 / steps
-    per_cat = defaultdict(float)
-    for name, ms in per_kernel.items():
-        per_cat[category(name)] += ms
-    return dict(per_cat), sorted(per_kernel.items(), key=lambda kv: -kv[1])
+    return kernel_ms(prof, steps)
 
 
 def table(title: str, rows: list[str], cols: dict[str, dict[str, float]]) -> str:
@@ -99,10 +79,12 @@ def main():
         for i in range(5):  # compile and warm up
             step(i)
         phases[name] = phase_ms(step, args.steps)
-        cats[name], kernels = kernel_ms(step, 2)
+        kernels = profiled_kernels(step, 2)
+        cats[name] = by_category(kernels)
         print(f"{name}: {sum(phases[name].values()):.1f} ms/step", flush=True)
         if args.top:
-            print("\n".join(f"  {ms:7.2f} ms  {k[:150]}" for k, ms in kernels[:args.top]), flush=True)
+            top = sorted(kernels.items(), key=lambda kv: -kv[1])[:args.top]
+            print("\n".join(f"  {ms:7.2f} ms  {k[:150]}" for k, ms in top), flush=True)
         del step
         torch.cuda.empty_cache()
         torch._dynamo.reset()

@@ -144,6 +144,9 @@ class TrainConfig:
     max_bad_steps: int = 10         # abort after this many non-finite losses in a row
     compile: bool = False
     grad_checkpoint: bool = False
+    profile_at: int = 0             # profile steps profile_at .. +profile_steps-1 into <out_dir>/profile (0 = off)
+    profile_steps: int = 3
+    profile_python: bool = False    # the profile also records Python stacks (slower host while profiling)
 
 
 @dataclass
@@ -168,7 +171,7 @@ _CHOICES = {
 }
 _POSITIVE = ("model.input_size", "model.in_channels", "model.patch_size", "model.depth", "model.hidden_size",
              "model.num_heads", "model.num_classes", "model.moe.every", "train.steps", "train.global_batch",
-             "train.ep_size", "train.log_every", "train.keep_last", "train.max_bad_steps",
+             "train.ep_size", "train.log_every", "train.profile_steps", "train.keep_last", "train.max_bad_steps",
              "model.moe.rcl_tau", "model.mlp_ratio", "objective.diffusion_steps")
 
 
@@ -277,8 +280,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"model.moe.experts: router {m.moe.router!r} has no unconditional experts ({spec})")
     if not 0.0 <= cfg.objective.class_dropout < 1.0:
         raise ConfigError(f"objective.class_dropout: must be in [0, 1), got {cfg.objective.class_dropout}")
-    if cfg.train.ckpt_every < 0:
-        raise ConfigError(f"train.ckpt_every: must be >= 0, got {cfg.train.ckpt_every}")
+    for key in ("train.ckpt_every", "train.profile_at"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
     if cfg.data.source == "wds" and not cfg.data.path:

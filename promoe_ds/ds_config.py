@@ -81,7 +81,8 @@ def build_ds_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict:
         "bf16": {"enabled": False},
         "optimizer": {"type": "AdamW", "params": {
             "lr": train.lr, "betas": list(train.betas), "eps": 1e-8, "weight_decay": train.weight_decay,
-            **({} if offload else {"torch_adam": True})}},
+            # torch's AdamW over the ZeRO partition; fused (one kernel, not a foreach pass per operation) on GPUs
+            **({} if offload else {"torch_adam": True, "fused": on_gpu})}},
     })
     if train.warmup_steps:
         cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": train.lr,

@@ -47,10 +47,11 @@ class MetricsLogger:
             self.wandb = wandb.init(mode=wandb_cfg.mode, project=wandb_cfg.project, name=wandb_cfg.name or None,
                                     dir=wandb_cfg.dir or str(out_dir), config=run_config, resume="allow")
 
-    def add(self, scalars: dict[str, float], counts: torch.Tensor | None) -> None:
-        """One micro-batch's scalars and expert load."""
+    def add(self, scalars: dict[str, float | torch.Tensor], counts: torch.Tensor | None) -> None:
+        """One micro-batch's scalars and expert load. Tensors stay on their device (no sync per step)."""
         for k, v in scalars.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            v = v.detach().to(torch.float64) if torch.is_tensor(v) else float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + v
         if counts is not None:
             c = counts.detach().to(torch.float64)
             self.load = c if self.load is None else self.load + c
@@ -63,7 +64,8 @@ class MetricsLogger:
     def log(self, step: int, extra: dict[str, float]) -> dict:
         """Reduce over ranks and print/write; call on every rank."""
         keys = sorted(self.sums)
-        vec = torch.tensor([self.sums[k] / max(self.n, 1) for k in keys], dtype=torch.float64)
+        sums = [torch.as_tensor(self.sums[k], dtype=torch.float64, device=self.device) for k in keys]
+        vec = (torch.stack(sums).cpu() if sums else torch.zeros(0, dtype=torch.float64)) / max(self.n, 1)
         load = self.load.cpu() if self.load is not None else None
         if dist.is_initialized() and dist.get_world_size() > 1:
             dev = self.device if dist.get_backend() == "nccl" else torch.device("cpu")

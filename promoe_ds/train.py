@@ -28,6 +28,7 @@ from promoe_ds.ema import EMA
 from promoe_ds.metrics import MetricsLogger, train_flops_per_image
 from promoe_ds.models.dit import build_model, compile_model, count_params
 from promoe_ds.parallel.launch import init_distributed
+from promoe_ds.profiling import StepProfiler, phase
 
 PREEMPTED_EXIT = 99
 
@@ -58,20 +59,37 @@ def step_draws(objective, cfg: Config, step: int, micro: int, global_micro: int,
 
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 -> checkpoint at the end of the current step, then exit 99."""
+    """SIGTERM / SIGUSR1 -> checkpoint at the end of the next step, then exit 99."""
 
     def __init__(self):
         self.set = False
+        self.pending = None  # the last call's all-reduced flag on the host, and the event its copy waits for
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
         self.set = True
 
-    def agreed(self, device) -> bool:  # every rank stops at the same step
+    def agreed(self, device) -> bool:
+        """The same answer on every rank: whether any rank had got a signal by the previous call. The
+        all-reduced flag is read one call (one step) late: on a GPU it is copied to pinned memory behind
+        the step's work, so no step waits for the GPU to drain."""
+        stop = False
+        if self.pending is not None:
+            host, ready = self.pending
+            if ready is not None:
+                ready.synchronize()
+            stop = bool(host.item())
         flag = torch.tensor([float(self.set)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        if device.type == "cuda":
+            host, ready = torch.empty(1, pin_memory=True), torch.cuda.Event()
+            host.copy_(flag, non_blocking=True)
+            ready.record()
+            self.pending = (host, ready)
+        else:
+            self.pending = (flag, None)
+        return stop
 
 
 def train(cfg: Config) -> int:
@@ -150,36 +168,43 @@ def train(cfg: Config) -> int:
         ckpt.save(engine, model, ema, ckpt_dir, step, meta, rank_state, rank=rank, ep_rank=ep_rank,
                   expert_writer=expert_writer, keep_last=t.keep_last)
 
+    profiler = (StepProfiler(out_dir, rank, t.profile_at, t.profile_steps, device, t.profile_python)
+                if t.profile_at else None)
     bad_in_a_row, skipped = 0, 0
     step = start
     while step < t.steps:
+        if profiler:
+            profiler.begin(step + 1)
         bad = False
         for mi in range(gas):
-            x0, y = data.next_batch()
-            draws = step_draws(objective, cfg, step, mi, micro * world, latent_shape, rank, micro)
-            x0, y = x0.to(device), y.to(device)
-            y = torch.where(draws.pop("drop").to(device), torch.full_like(y, m.num_classes), y)
-            draws = {k: v.to(device) for k, v in draws.items()}
-            aux = {}
+            with phase("data"):
+                x0, y = data.next_batch()
+                draws = step_draws(objective, cfg, step, mi, micro * world, latent_shape, rank, micro)
+                x0, y = x0.to(device), y.to(device)
+                y = torch.where(draws.pop("drop").to(device), torch.full_like(y, m.num_classes), y)
+                draws = {k: v.to(device) for k, v in draws.items()}
+            with phase("forward"):
+                aux = {}
 
-            def model_fn(xt, tt):
-                out, a = forward(xt, tt, y)
-                aux.update(a)
-                return out
+                def model_fn(xt, tt):
+                    out, a = forward(xt, tt, y)
+                    aux.update(a)
+                    return out
 
-            with autocast:
-                losses = objective.training_losses(model_fn, x0, draws)
-            loss = losses["loss"] + aux["aux_loss"]
-            finite = torch.isfinite(loss.detach()).float()
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() == 0 or bad:  # from here on, every rank poisons every gradient (see below)
-                bad = True
-                loss = sum(p.sum() for p in model.parameters()) * float("nan")
-            engine.backward(loss)
-            engine.step()
-            if not bad:
-                logger.add({"loss": losses["loss"].item(), "rcl": aux["rcl"].item(), "lb": aux["lb"].item(),
-                            **{k: float(v) for k, v in losses.items() if k != "loss"}}, aux.get("counts"))
+                with autocast:
+                    losses = objective.training_losses(model_fn, x0, draws)
+                loss = losses["loss"] + aux["aux_loss"]
+                finite = torch.isfinite(loss.detach()).float()
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if finite.item() == 0 or bad:  # from here on, every rank poisons every gradient (see below)
+                    bad = True
+                    loss = sum(p.sum() for p in model.parameters()) * float("nan")
+            with phase("backward"):
+                engine.backward(loss)
+            with phase("optimizer"):
+                engine.step()
+            if not bad:  # device tensors: summed on the GPU, read back at the next log
+                logger.add({"rcl": aux["rcl"], "lb": aux["lb"], **losses}, aux.get("counts"))
         # Skipping a step with a non-finite loss is DeepSpeed's own fp16-overflow skip. The loss check is
         # all-reduced, so every rank back-propagates the same parameter-only graph (no all-to-all) and makes
         # every gradient NaN. At the accumulation boundary the ZeRO-1/2 optimizer's step() finds the global
@@ -209,12 +234,16 @@ def train(cfg: Config) -> int:
                                    f"checkpoint in {ckpt_dir}")
         else:
             bad_in_a_row = 0
-            ema.update()
-        if step % t.log_every == 0 or step == t.steps:
-            logger.log(step, {"grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                              "lr": engine.get_lr()[0], "skipped_steps": skipped,
-                              **{f"data/{k}": v for k, v in data.stats.items()}})
-        stopping = stop.agreed(device)
+            with phase("ema"):
+                ema.update()
+        with phase("bookkeeping"):
+            if step % t.log_every == 0 or step == t.steps:
+                logger.log(step, {"grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                                  "lr": engine.get_lr()[0], "skipped_steps": skipped,
+                                  **{f"data/{k}": v for k, v in data.stats.items()}})
+            stopping = stop.agreed(device)
+        if profiler:
+            profiler.end(step, last=stopping or step == t.steps)
         if stopping or (t.ckpt_every and (step % t.ckpt_every == 0 or step == t.steps)):
             save(step)
         if stopping:

@@ -216,6 +216,10 @@ def test_config_errors(tmp_path):
         load_config(overrides=["train.steps=-1"])
     with pytest.raises(ConfigError, match="train.lr"):
         load_config(overrides=["train.lr=fast"])
+    with pytest.raises(ConfigError, match="train.profile_at: must be >= 0"):
+        load_config(overrides=["train.profile_at=-2"])
+    with pytest.raises(ConfigError, match="train.profile_steps: must be > 0"):
+        load_config(overrides=["train.profile_steps=0"])
     f = tmp_path / "c.yaml"
     f.write_text("model:\n  preset: ProMoE-S\n  depth: 4\n  moe:\n    experts: E6A2S1U1\n")
     cfg = load_config(f, ["model.moe.rcl_weight=10"])
