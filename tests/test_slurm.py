@@ -105,6 +105,7 @@ def test_example_configs_lay_out(name, worlds):
         ds = build_ds_config(cfg.train, world, on_gpu=True)
         assert ds["train_micro_batch_size_per_gpu"] == per_gpu and ds["gradient_accumulation_steps"] == 1
         assert ds["zero_optimization"]["stage"] == 2 and ds["torch_autocast"]["enabled"]  # bf16 autocast
+        assert ds["optimizer"]["params"]["torch_adam"] and ds["optimizer"]["params"]["fused"]  # one-kernel AdamW
         assert cfg.model.moe.spec().routed % cfg.train.ep_size == 0 and cfg.train.ep_size <= 8  # EP within a node
     assert load_config(str(SLURM_DIR / "configs" / name), []).train.global_batch == per_gpu * worlds[-1]
 
