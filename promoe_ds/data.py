@@ -84,14 +84,14 @@ def build_latent_source(data_cfg, *, latent_shape: tuple[int, int, int], num_cla
 class SyntheticSource:
     """Random latents, no files: a smooth per-class pattern plus noise, so a model can learn it.
 
-    Batch ``s`` of rank ``r`` is rows ``[r*micro_batch, (r+1)*micro_batch)`` of a global batch drawn
-    from a generator seeded with ``(seed, s)``: the data do not depend on the world size.
+    Batch ``s`` of rank ``r`` is rows ``[r*micro_batch, (r+1)*micro_batch)`` of a global batch whose row
+    i is drawn from a generator seeded with ``(seed, s, i)``: the data do not depend on the world size,
+    and a rank draws only its own rows.
     """
 
     def __init__(self, latent_shape, num_classes, micro_batch, rank, world_size, seed):
         self.latent_shape, self.num_classes, self.seed = latent_shape, num_classes, seed
-        self.rows = slice(rank * micro_batch, (rank + 1) * micro_batch)
-        self.global_batch = micro_batch * world_size
+        self.rows = range(rank * micro_batch, (rank + 1) * micro_batch)
         g = torch.Generator().manual_seed(stable_seed(seed, "synthetic-classes"))
         coarse = torch.randn(num_classes, latent_shape[0], 4, 4, generator=g)
         self.patterns = F.interpolate(coarse, size=latent_shape[1:], mode="bilinear", align_corners=False)
@@ -99,9 +99,12 @@ class SyntheticSource:
         self.stats = {"samples": 0, "bad_shards": 0}
 
     def next_batch(self):
-        g = torch.Generator().manual_seed(stable_seed(self.seed, self.step))
-        labels = torch.randint(self.num_classes, (self.global_batch,), generator=g)[self.rows]
-        noise = torch.randn(self.global_batch, *self.latent_shape, generator=g)[self.rows]
+        labels, noise = [], []
+        for i in self.rows:
+            g = torch.Generator().manual_seed(stable_seed(self.seed, self.step, i))
+            labels.append(torch.randint(self.num_classes, (1,), generator=g))
+            noise.append(torch.randn(1, *self.latent_shape, generator=g))
+        labels, noise = torch.cat(labels), torch.cat(noise)
         self.step += 1
         self.stats["samples"] += len(labels)
         return self.patterns[labels] + 0.5 * noise, labels

@@ -1,9 +1,9 @@
 """Training on the DeepSpeed engine: ZeRO-1/2, expert parallelism, EMA, exact resume.
 
 One process per device (started by ``deepspeed``, ``torchrun`` or ``srun``). Per step, every
-random draw (noise, timesteps, label dropout) is made for the GLOBAL batch from a generator seeded
-by (seed, step, micro-step) and each rank takes its rows: a run's trajectory does not depend on
-its world size or ep_size, and a resumed run continues exactly where it stopped.
+random draw (noise, timesteps, label dropout) of sample i of the global batch comes from a generator
+seeded by (seed, step, micro-step, i) and each rank draws its own rows: a run's trajectory does not
+depend on its world size or ep_size, and a resumed run continues exactly where it stopped.
 
 Exit status: 0 when ``train.steps`` is reached, 99 when a SIGTERM / SIGUSR1 made it checkpoint
 and stop (the Slurm template requeues the job on 99).
@@ -21,7 +21,7 @@ import torch.distributed as dist
 import promoe_ds
 from promoe_ds import checkpoint as ckpt
 from promoe_ds.config import Config, ConfigError, to_dict
-from promoe_ds.data import build_latent_source
+from promoe_ds.data import build_latent_source, stable_seed
 from promoe_ds.diffusion import build_objective
 from promoe_ds.ds_config import batch_layout, build_ds_config
 from promoe_ds.ema import EMA
@@ -49,13 +49,17 @@ def preflight(cfg: Config, world_size: int) -> None:
     batch_layout(t, world_size)
 
 
-def step_draws(objective, cfg: Config, step: int, micro: int, global_micro: int, latent_shape, rank: int,
-               local: int) -> dict:
-    """This rank's rows of the global micro-batch's random draws (noise, timesteps, label drop)."""
-    g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + micro)
-    draws = objective.draw(global_micro, latent_shape, g)
-    draws["drop"] = torch.rand(global_micro, generator=g) < cfg.objective.class_dropout
-    return {k: v[rank * local:(rank + 1) * local] for k, v in draws.items()}
+def step_draws(objective, cfg: Config, step: int, micro: int, latent_shape, rows: range) -> dict:
+    """Rows ``rows`` of the global micro-batch's random draws (noise, timesteps, label drop). Row i comes
+    from its own generator, seeded by (seed, step, micro-step, i): a sample's draws do not depend on the
+    world size, and a rank draws only its own rows (host work per rank independent of the world size)."""
+    parts = []
+    for i in rows:
+        g = torch.Generator().manual_seed(stable_seed(cfg.train.seed, "draws", step, micro, i))
+        d = objective.draw(1, latent_shape, g)
+        d["drop"] = torch.rand(1, generator=g) < cfg.objective.class_dropout
+        parts.append(d)
+    return {k: torch.cat([d[k] for d in parts]) for k in parts[0]}
 
 
 class StopFlag:
@@ -179,7 +183,7 @@ def train(cfg: Config) -> int:
         for mi in range(gas):
             with phase("data"):
                 x0, y = data.next_batch()
-                draws = step_draws(objective, cfg, step, mi, micro * world, latent_shape, rank, micro)
+                draws = step_draws(objective, cfg, step, mi, latent_shape, range(rank * micro, (rank + 1) * micro))
                 x0, y = x0.to(device), y.to(device)
                 y = torch.where(draws.pop("drop").to(device), torch.full_like(y, m.num_classes), y)
                 draws = {k: v.to(device) for k, v in draws.items()}

@@ -53,7 +53,7 @@ def main(out: Path) -> None:
                                world_size=world, seed=t.seed)
     for step in range(STEPS):
         x0, y = data.next_batch()
-        draws = step_draws(objective, cfg, step, 0, micro * world, shape, rank, micro)
+        draws = step_draws(objective, cfg, step, 0, shape, range(rank * micro, (rank + 1) * micro))
         y = torch.where(draws.pop("drop"), torch.full_like(y, m.num_classes), y)
         aux = {}
 

@@ -126,8 +126,10 @@ def test_ddpm_sampling_deterministic_and_one_pass_at_scale_one(trained):
     assert counted.calls == [(8, 4)] * 5
     assert torch.equal(c, generate(model, objective, idx, y, steps=5, cfg_scale=4.0, seed=7))
     assert not torch.allclose(a, c)
-    # sample i depends on (seed, i) only: the same sample alone or in a batch
-    torch.testing.assert_close(generate(model, objective, [2], y[2:3], steps=5, cfg_scale=1.0, seed=7), a[2:3])
+    # sample i depends on (seed, i) only: the same sample alone or in a batch (up to float32 differences of
+    # batch-size-dependent kernels, ~1e-5 relative; another sample's noise would differ by O(1))
+    torch.testing.assert_close(generate(model, objective, [2], y[2:3], steps=5, cfg_scale=1.0, seed=7), a[2:3],
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("size,rcl", [("b", 10.0), ("l", 1.0), ("xl", 1.0)])

@@ -12,7 +12,9 @@ import torch.multiprocessing as mp
 
 from dist_utils import REPO, TINY, free_port, launch, metrics, run
 from promoe_ds.config import MoEConfig, load_config
+from promoe_ds.diffusion import build_objective
 from promoe_ds.models.dit import build_model
+from promoe_ds.train import step_draws
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +32,23 @@ def load_full(tag_dir):
             parts.setdefault(n, []).append(e["model"])
     state.update({n: torch.cat(v) for n, v in parts.items()})
     return state, len(shards)
+
+
+def test_step_draws_do_not_depend_on_the_world_size():
+    """Each rank draws only its rows; the rows are the same whoever draws them."""
+    cfg = load_config(TINY, COMMON)
+    objective, shape = build_objective(cfg.objective), (4, 8, 8)
+    whole = step_draws(objective, cfg, 5, 1, shape, range(8))
+    parts = [step_draws(objective, cfg, 5, 1, shape, range(2 * r, 2 * r + 2)) for r in range(4)]
+    assert whole["noise"].shape == (8, *shape) and whole["t"].shape == (8,) and whole["drop"].dtype == torch.bool
+    for k in whole:
+        assert torch.equal(whole[k], torch.cat([p[k] for p in parts])), k
+    for other in (step_draws(objective, cfg, 6, 1, shape, range(8)), step_draws(objective, cfg, 5, 0, shape, range(8))):
+        assert not torch.equal(other["noise"], whole["noise"]) and not torch.equal(other["t"], whole["t"])
+    many = step_draws(objective, cfg, 0, 0, shape, range(4000))  # independent rows with the configured laws
+    assert abs(many["drop"].float().mean() - 0.25) < 0.03
+    assert abs(many["noise"].mean()) < 0.01 and abs(many["noise"].std() - 1) < 0.01
+    assert many["t"].unique().numel() == 4000 and 0 < many["t"].min() and many["t"].max() < 1
 
 
 def test_ep2_zero2_matches_single_process(tmp_path):

@@ -3,8 +3,8 @@
 Both implement one interface so the trainer and the sampler never branch on the objective:
 
 - ``draw(batch, latent_shape, generator)``: ALL randomness of one training step, on CPU, from one
-  generator: ``{"noise": [B, C, H, W], "t": [B]}``. The trainer draws the GLOBAL batch and slices the
-  rows of its rank, so a step is the same whatever the world size.
+  generator: ``{"noise": [B, C, H, W], "t": [B]}``. The trainer draws each sample of the global batch
+  from its own generator (``train.step_draws``), so a step is the same whatever the world size.
 - ``training_losses(model_fn, x0, draws)``: ``model_fn(x_t, t_model) -> [B, 2C, H, W]`` (learned-sigma
   layout, the first C channels are the prediction); returns ``{"loss": scalar, ...detached logs}``.
 - ``sample(model_fn, noise, steps, generator=None, progress=False)``: x_T = noise -> x_0, deterministic
