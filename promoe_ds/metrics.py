@@ -47,15 +47,16 @@ class MetricsLogger:
             self.wandb = wandb.init(mode=wandb_cfg.mode, project=wandb_cfg.project, name=wandb_cfg.name or None,
                                     dir=wandb_cfg.dir or str(out_dir), config=run_config, resume="allow")
 
-    def add(self, scalars: dict[str, float | torch.Tensor], counts: torch.Tensor | None) -> None:
-        """One micro-batch's scalars and expert load. Tensors stay on their device (no sync per step)."""
+    def add(self, scalars: dict[str, torch.Tensor], counts: torch.Tensor | None, keep: torch.Tensor) -> None:
+        """One micro-batch's scalars and expert load, left out where ``keep`` (a 0/1 tensor) is 0. Everything
+        stays on the device (no sync per step) until the next log."""
         for k, v in scalars.items():
-            v = v.detach().to(torch.float64) if torch.is_tensor(v) else float(v)
-            self.sums[k] = self.sums.get(k, 0.0) + v
+            v = torch.as_tensor(v, device=self.device).detach().to(torch.float64)
+            self.sums[k] = self.sums.get(k, 0.0) + torch.where(keep > 0, v, 0.0)
         if counts is not None:
-            c = counts.detach().to(torch.float64)
+            c = torch.where(keep > 0, counts.detach().to(torch.float64), 0.0)
             self.load = c if self.load is None else self.load + c
-        self.n += 1
+        self.n = self.n + keep.to(torch.float64)
 
     def step(self) -> None:
         """One optimizer step (global batch) done: throughput counts these, not micro-batches."""
@@ -64,8 +65,8 @@ class MetricsLogger:
     def log(self, step: int, extra: dict[str, float]) -> dict:
         """Reduce over ranks and print/write; call on every rank."""
         keys = sorted(self.sums)
-        sums = [torch.as_tensor(self.sums[k], dtype=torch.float64, device=self.device) for k in keys]
-        vec = (torch.stack(sums).cpu() if sums else torch.zeros(0, dtype=torch.float64)) / max(self.n, 1)
+        n = torch.as_tensor(self.n, dtype=torch.float64, device=self.device).clamp(min=1)
+        vec = (torch.stack([self.sums[k] for k in keys]) / n).cpu() if keys else torch.zeros(0, dtype=torch.float64)
         load = self.load.cpu() if self.load is not None else None
         if dist.is_initialized() and dist.get_world_size() > 1:
             dev = self.device if dist.get_backend() == "nccl" else torch.device("cpu")

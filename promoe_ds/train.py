@@ -62,12 +62,31 @@ def step_draws(objective, cfg: Config, step: int, micro: int, latent_shape, rows
     return {k: torch.cat([d[k] for d in parts]) for k in parts[0]}
 
 
+class LateRead:
+    """A small device tensor copied to the host behind the work queued so far. ``get()`` waits for that
+    work only, not for what was queued since: on a GPU the copy goes to pinned memory behind an event,
+    so reading a flag after later steps were queued does not drain the GPU's queue."""
+
+    def __init__(self, t: torch.Tensor):
+        self.host, self.ready = t, None
+        if t.device.type == "cuda":
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def get(self) -> torch.Tensor:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host
+
+
 class StopFlag:
     """SIGTERM / SIGUSR1 -> checkpoint at the end of the next step, then exit 99."""
 
     def __init__(self):
         self.set = False
-        self.pending = None  # the last call's all-reduced flag on the host, and the event its copy waits for
+        self.pending = None  # the last call's all-reduced flag
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
 
@@ -76,23 +95,11 @@ class StopFlag:
 
     def agreed(self, device) -> bool:
         """The same answer on every rank: whether any rank had got a signal by the previous call. The
-        all-reduced flag is read one call (one step) late: on a GPU it is copied to pinned memory behind
-        the step's work, so no step waits for the GPU to drain."""
-        stop = False
-        if self.pending is not None:
-            host, ready = self.pending
-            if ready is not None:
-                ready.synchronize()
-            stop = bool(host.item())
+        all-reduced flag is read one call (one step) late, so no step waits for the GPU to drain."""
+        stop = self.pending is not None and bool(self.pending.get().item())
         flag = torch.tensor([float(self.set)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if device.type == "cuda":
-            host, ready = torch.empty(1, pin_memory=True), torch.cuda.Event()
-            host.copy_(flag, non_blocking=True)
-            ready.record()
-            self.pending = (host, ready)
-        else:
-            self.pending = (flag, None)
+        self.pending = LateRead(flag)
         return stop
 
 
@@ -179,7 +186,7 @@ def train(cfg: Config) -> int:
     while step < t.steps:
         if profiler:
             profiler.begin(step + 1)
-        bad = False
+        ok = torch.ones((), device=device)  # 0 once a micro-batch of this step had a non-finite loss on any rank
         for mi in range(gas):
             with phase("data"):
                 x0, y = data.next_batch()
@@ -197,29 +204,32 @@ def train(cfg: Config) -> int:
 
                 with autocast:
                     losses = objective.training_losses(model_fn, x0, draws)
-                loss = losses["loss"] + aux["aux_loss"]
-                finite = torch.isfinite(loss.detach()).float()
+                finite = torch.isfinite(losses["loss"].detach() + aux["aux_loss"].detach()).float()
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if finite.item() == 0 or bad:  # from here on, every rank poisons every gradient (see below)
-                    bad = True
-                    loss = sum(p.sum() for p in model.parameters()) * float("nan")
+                ok = ok * finite
+                # x 1, or x NaN from the first bad micro-batch on: every rank's gradients turn NaN (see below)
+                loss = (losses["loss"] + aux["aux_loss"]) * torch.where(ok > 0, 1.0, float("nan"))
+                bad_read = LateRead(ok)  # copied before the backward is queued: read after step(), it waits for nothing
             with phase("backward"):
                 engine.backward(loss)
             with phase("optimizer"):
                 engine.step()
-            if not bad:  # device tensors: summed on the GPU, read back at the next log
-                logger.add({"rcl": aux["rcl"], "lb": aux["lb"], **losses}, aux.get("counts"))
-        # Skipping a step with a non-finite loss is DeepSpeed's own fp16-overflow skip. The loss check is
-        # all-reduced, so every rank back-propagates the same parameter-only graph (no all-to-all) and makes
-        # every gradient NaN. At the accumulation boundary the ZeRO-1/2 optimizer's step() finds the global
-        # gradient norm non-finite (checked for fp32 master weights too), sets `overflow`, drops the gradients
-        # accumulated over ALL micro-batches of the step and returns before AdamW runs: weights, moments and
-        # AdamW's step count stay bit for bit. The engine counts the step in its skipped_steps, does not step
-        # the LR scheduler and advances its micro/global step counters as usual, so the next step is a normal
-        # one. DeepSpeed also skips steps whose losses were finite but whose gradients were not, so EMA and
-        # the counters follow was_step_applied(). An optimizer without this check (ZeRO-0, or
-        # zero_optimization.compute_grad_norm=false) would have applied the NaNs: stop, never train on.
+            # device tensors, summed on the GPU and read at the next log; micro-batches of a bad step left out
+            logger.add({"rcl": aux["rcl"], "lb": aux["lb"], **losses}, aux.get("counts"), keep=ok)
+        # Skipping a step with a non-finite loss is DeepSpeed's own fp16-overflow skip, with no host sync of
+        # ours: the loss check is all-reduced, and from the first bad micro-batch on every rank multiplies its
+        # loss by NaN, so every gradient that the loss reaches turns NaN on every rank, the all-to-alls of the
+        # backward running as usual. At the accumulation boundary the ZeRO-1/2 optimizer's step() finds the
+        # global gradient norm non-finite (checked for fp32 master weights too; the non-expert norm is summed
+        # over all ranks), sets `overflow`, drops the gradients accumulated over ALL micro-batches of the step
+        # and returns before AdamW runs: weights, moments and AdamW's step count stay bit for bit. The engine
+        # counts the step in its skipped_steps, does not step the LR scheduler and advances its micro/global
+        # step counters as usual, so the next step is a normal one. DeepSpeed also skips steps whose losses
+        # were finite but whose gradients were not, so EMA and the counters follow was_step_applied(). An
+        # optimizer without this check (ZeRO-0, or zero_optimization.compute_grad_norm=false) would have
+        # applied the NaNs: stop, never train on.
         applied = engine.was_step_applied()
+        bad = bad_read.get().item() == 0
         step += 1
         logger.step()
         if bad and applied:
