@@ -62,6 +62,19 @@ def step_draws(objective, cfg: Config, step: int, micro: int, latent_shape, rows
     return {k: torch.cat([d[k] for d in parts]) for k in parts[0]}
 
 
+def to_device(tensors, device: torch.device):
+    """Host tensors (nested in tuples / dicts) to ``device`` without waiting for it. A plain ``.to()`` from
+    pageable memory synchronises the stream: the host would wait for the last step's optimizer and EMA
+    kernels before drawing the next batch. From pinned memory the copies queue behind them."""
+    if isinstance(tensors, dict):
+        return {k: to_device(v, device) for k, v in tensors.items()}
+    if isinstance(tensors, tuple):
+        return tuple(to_device(v, device) for v in tensors)
+    if device.type != "cuda":
+        return tensors.to(device)
+    return tensors.pin_memory().to(device, non_blocking=True)
+
+
 class LateRead:
     """A small device tensor copied to the host behind the work queued so far. ``get()`` waits for that
     work only, not for what was queued since: on a GPU the copy goes to pinned memory behind an event,
@@ -97,7 +110,7 @@ class StopFlag:
         """The same answer on every rank: whether any rank had got a signal by the previous call. The
         all-reduced flag is read one call (one step) late, so no step waits for the GPU to drain."""
         stop = self.pending is not None and bool(self.pending.get().item())
-        flag = torch.tensor([float(self.set)], device=device)
+        flag = torch.full((1,), float(self.set), device=device)  # a fill, not a (synchronising) host copy
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.pending = LateRead(flag)
         return stop
@@ -191,9 +204,8 @@ def train(cfg: Config) -> int:
             with phase("data"):
                 x0, y = data.next_batch()
                 draws = step_draws(objective, cfg, step, mi, latent_shape, range(rank * micro, (rank + 1) * micro))
-                x0, y = x0.to(device), y.to(device)
-                y = torch.where(draws.pop("drop").to(device), torch.full_like(y, m.num_classes), y)
-                draws = {k: v.to(device) for k, v in draws.items()}
+                y = torch.where(draws.pop("drop"), torch.full_like(y, m.num_classes), y)  # CFG's null label
+                x0, y, draws = to_device((x0, y, draws), device)
             with phase("forward"):
                 aux = {}
 
