@@ -216,11 +216,12 @@ def train(cfg: Config) -> int:
 
                 with autocast:
                     losses = objective.training_losses(model_fn, x0, draws)
-                finite = torch.isfinite(losses["loss"].detach() + aux["aux_loss"].detach()).float()
+                loss = losses["loss"] + aux["aux_loss"]
+                finite = torch.isfinite(loss.detach()).float()
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
                 ok = ok * finite
                 # x 1, or x NaN from the first bad micro-batch on: every rank's gradients turn NaN (see below)
-                loss = (losses["loss"] + aux["aux_loss"]) * torch.where(ok > 0, 1.0, float("nan"))
+                loss = loss * torch.where(ok > 0, 1.0, float("nan"))
                 bad_read = LateRead(ok)  # copied before the backward is queued: read after step(), it waits for nothing
             with phase("backward"):
                 engine.backward(loss)
