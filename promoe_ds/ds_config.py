@@ -36,6 +36,9 @@ def base_config(train: TrainConfig) -> tuple[dict, str]:
     if train.ds_config:
         path = Path(train.ds_config)
     else:
+        if train.offload_optimizer and train.zero_stage != 2:
+            raise ConfigError(f"train.offload_optimizer: needs train.zero_stage=2 (ds_configs/zero2_offload.json), "
+                              f"not {train.zero_stage}")
         path = DS_CONFIG_DIR / (f"zero{train.zero_stage}" + ("_offload" if train.offload_optimizer else "") + ".json")
     if not path.is_file():
         raise ConfigError(f"train.ds_config: file {str(path)!r} does not exist")
@@ -65,7 +68,7 @@ def build_ds_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict:
                           f"{err['msg']}") from None
     if int(zcfg.stage) not in (0, 1, 2):
         raise ConfigError(f"ds_config zero_optimization.stage: {int(zcfg.stage)} is not supported "
-                          "(ZeRO-3 partitions expert weights DeepSpeed's native MoE cannot handle); use 1 or 2")
+                          "(ZeRO-3 partitions expert weights DeepSpeed's native MoE cannot handle); use 0, 1 or 2")
     if train.ep_size > 1 and not zcfg.contiguous_gradients:
         # DeepSpeed 0.19's non-contiguous path (buffered_reduce_fallback) all-reduces every gradient over the
         # whole data-parallel group, expert ones too: experts of different EP ranks would be averaged together
@@ -77,19 +80,25 @@ def build_ds_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict:
     bf16 = train.precision == "bf16" or (train.precision == "auto" and on_gpu)
     offload = zcfg.offload_optimizer is not None and str(zcfg.offload_optimizer.device) not in ("none",
                                                                                                  "OffloadDeviceEnum.none")
+    zero0 = int(zcfg.stage) == 0
+    if zero0 and offload:
+        raise ConfigError(f"ds_config zero_optimization.offload_optimizer in {path!r}: needs ZeRO-1/2, not stage 0")
     cfg.update({
         "train_batch_size": train.global_batch,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,
-        "gradient_clipping": train.grad_clip,
+        # ZeRO-0: the trainer clips inside the fused AdamW (train.clip_in_adamw); DeepSpeed's own ZeRO-0
+        # clipping is per-parameter Python and its optimizer has no non-finite skip
+        "gradient_clipping": 0.0 if zero0 else train.grad_clip,
         # bf16 autocast (fp32 master weights and gradients, as in the paper's recipe); DeepSpeed's own
         # "bf16" mode would cast the weights to bf16, and it switches off an outer autocast unless this is set
         "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
         "bf16": {"enabled": False},
         "optimizer": {"type": "AdamW", "params": {
             "lr": train.lr, "betas": list(train.betas), "eps": 1e-8, "weight_decay": train.weight_decay,
-            # torch's AdamW over the ZeRO partition; fused (one kernel, not a foreach pass per operation) on GPUs
-            **({} if offload else {"torch_adam": True, "fused": on_gpu})}},
+            # torch's AdamW over the ZeRO partition; fused (one kernel, not a foreach pass per operation) on
+            # GPUs, and with ZeRO-0 everywhere (its grad_scale / found_inf inputs clip and skip, see train.py)
+            **({} if offload else {"torch_adam": True, "fused": on_gpu or zero0})}},
     })
     if train.warmup_steps:
         cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": train.lr,

@@ -94,6 +94,21 @@ class LateRead:
         return self.host
 
 
+def clip_in_adamw(optimizer, norm: torch.Tensor, max_norm: float, ok: torch.Tensor) -> None:
+    """ZeRO-0's update, clipped and guarded inside torch's fused AdamW: DeepSpeed's ZeRO-0 clips per parameter
+    in Python and would apply non-finite gradients. Through the inputs torch's GradScaler uses, the fused
+    kernel divides every gradient by ``grad_scale`` = max(1, norm / max_norm) (clipping, no pass of its own)
+    and skips the whole update, AdamW's step count included, where ``found_inf`` is set: a non-finite loss on
+    any rank (``ok`` = 0) or a non-finite gradient norm. ``overflow`` and ``_global_grad_norm`` are what
+    DeepSpeed's engine reads from its optimizer: it then counts the skip, holds the LR schedule and reports
+    the norm as under ZeRO-1/2. Reading ``overflow`` is the step's one host sync."""
+    finite = ok * torch.isfinite(norm)
+    optimizer.grad_scale = torch.clamp(norm / max_norm, min=1.0) if max_norm > 0 else None
+    optimizer.found_inf = 1.0 - finite
+    optimizer._global_grad_norm = norm
+    optimizer.overflow = LateRead(finite).get().item() == 0
+
+
 class StopFlag:
     """SIGTERM / SIGUSR1 -> checkpoint at the end of the next step, then exit 99."""
 
@@ -120,7 +135,7 @@ def train(cfg: Config) -> int:
     stop = StopFlag()  # first: a preemption signal during start-up must not kill the process
     info = init_distributed()
     import deepspeed
-    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups
+    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, global_grad_norm
 
     t, rank, world, device = cfg.train, info.rank, info.world_size, info.device
     on_gpu = device.type == "cuda"
@@ -128,7 +143,7 @@ def train(cfg: Config) -> int:
     ds_cfg = build_ds_config(t, world, on_gpu)
     micro, gas = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
     bf16 = ds_cfg["torch_autocast"]["enabled"]
-    zero_stage = ds_cfg["zero_optimization"].get("stage", 0)
+    zero_stage = int(ds_cfg["zero_optimization"].get("stage", 0))
     out_dir = Path(t.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     resume_dir = ckpt.find_resume(ckpt_dir, t.resume)
@@ -155,7 +170,8 @@ def train(cfg: Config) -> int:
     if is_moe:
         apply_expert_parallel(model, t.ep_size)
     model.to(device)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_cfg)
+    params = list(model.parameters())
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)
     ema = EMA(model, t.ema_decay)
     objective = build_objective(cfg.objective)
     expert_writer = (rank // t.ep_size) == 0  # first expert-data-parallel replica of each EP rank
@@ -226,6 +242,8 @@ def train(cfg: Config) -> int:
             with phase("backward"):
                 engine.backward(loss)
             with phase("optimizer"):
+                if zero_stage == 0 and mi == gas - 1:
+                    clip_in_adamw(engine.optimizer, global_grad_norm(params, t.ep_size), t.grad_clip, ok)
                 engine.step()
             # device tensors, summed on the GPU and read at the next log; micro-batches of a bad step left out
             logger.add({"rcl": aux["rcl"], "lb": aux["lb"], **losses}, aux.get("counts"), keep=ok)
@@ -235,19 +253,19 @@ def train(cfg: Config) -> int:
         # backward running as usual. At the accumulation boundary the ZeRO-1/2 optimizer's step() finds the
         # global gradient norm non-finite (checked for fp32 master weights too; the non-expert norm is summed
         # over all ranks), sets `overflow`, drops the gradients accumulated over ALL micro-batches of the step
-        # and returns before AdamW runs: weights, moments and AdamW's step count stay bit for bit. The engine
-        # counts the step in its skipped_steps, does not step the LR scheduler and advances its micro/global
-        # step counters as usual, so the next step is a normal one. DeepSpeed also skips steps whose losses
-        # were finite but whose gradients were not, so EMA and the counters follow was_step_applied(). An
-        # optimizer without this check (ZeRO-0, or zero_optimization.compute_grad_norm=false) would have
-        # applied the NaNs: stop, never train on.
+        # and returns before AdamW runs: weights, moments and AdamW's step count stay bit for bit (ZeRO-0:
+        # clip_in_adamw does the same). The engine counts the step in its skipped_steps, does not step the LR
+        # scheduler and advances its micro/global step counters as usual, so the next step is a normal one.
+        # DeepSpeed also skips steps whose losses were finite but whose gradients were not, so EMA and the
+        # counters follow was_step_applied(). An optimizer without this check
+        # (zero_optimization.compute_grad_norm=false) would have applied the NaNs: stop, never train on.
         applied = engine.was_step_applied()
         bad = bad_read.get().item() == 0
         step += 1
         logger.step()
         if bad and applied:
             raise RuntimeError(f"step {step}: DeepSpeed applied an update with non-finite gradients (its optimizer "
-                               "has no overflow skip: use ZeRO-1/2 with zero_optimization.compute_grad_norm=true); "
+                               "has no overflow skip: keep zero_optimization.compute_grad_norm=true); "
                                f"the weights are invalid, resume from the last checkpoint in {ckpt_dir}")
         if not applied:
             skipped += 1

@@ -4,7 +4,8 @@ The bad value comes from the data, as it would in a real run: one latent in a We
 NaN (or inf), placed where rank 1 reads it as micro-batch ``micro`` of step 2; rank 0 only reads finite
 latents. Every step writes a checkpoint, so the test compares what the trainer itself saved: weights and
 EMA (``promoe/*.pt``) and each rank's ZeRO partition of the optimizer (fp32 master weights, AdamW moments
-and step count) after step 1 and after the skipped step 2 must be bit-identical; step 3 trains normally.
+and step count; ZeRO-0: each EP rank's AdamW state) after step 1 and after the skipped step 2 must be
+bit-identical; step 3 trains normally.
 """
 import numpy as np
 import pytest
@@ -73,6 +74,7 @@ CASES = {
     "zero2-gas1": (2, 1, 0, float("nan")),  # a zero-gradient AdamW step would still move weights and moments
     "zero2-gas2": (2, 2, 1, float("inf")),  # step 2's first micro-batch is fine: its gradient must not be applied
     "zero1-gas2": (1, 2, 0, float("nan")),  # ZeRO-1: gradients reduced at the boundary only
+    "zero0-gas2": (0, 2, 1, float("inf")),  # ZeRO-0: the skip is the fused AdamW's found_inf (train.clip_in_adamw)
     "abort": (2, 1, 0, float("nan")),       # train.max_bad_steps=1
 }
 
@@ -117,6 +119,9 @@ def saved_state(tag_dir):
         for group, state in osd["base_optimizer_state"]["state"].items():
             out.update({f"{f.stem}:{group}:{k}": v for k, v in state.items()})
         out.update({f"{f.stem}:{g}:fp32": w for g, w in enumerate(osd["single_partition_of_fp32_groups"])})
+    for f in sorted(tag_dir.glob("expp_rank_*_optim_states.pt")):  # ZeRO-0
+        for i, state in torch.load(f, weights_only=False)["optimizer"]["state"].items():
+            out.update({f"{f.stem}:{i}:{k}": v for k, v in state.items()})
     return out
 
 
@@ -125,7 +130,7 @@ def engine_counters(tag_dir):
     return m["global_steps"], m["skipped_steps"]
 
 
-@pytest.mark.parametrize("name", ["zero2-gas1", "zero2-gas2", "zero1-gas2"])
+@pytest.mark.parametrize("name", ["zero2-gas1", "zero2-gas2", "zero1-gas2", "zero0-gas2"])
 def test_nonfinite_step_leaves_weights_optimizer_and_ema_untouched(runs, name):
     out, log, codes = finish(runs, name)
     assert codes == [0, 0], (log / "rank0.log").read_text()[-3000:]
@@ -139,9 +144,11 @@ def test_nonfinite_step_leaves_weights_optimizer_and_ema_untouched(runs, name):
     # step 3 trains normally: AdamW's bias-correction count goes 1 -> 1 -> 2, everything moves
     adam_steps = [{k: int(s[k]) for k in s if k.endswith(":step")} for s in (s1, s2, s3)]
     assert adam_steps[0] and all(set(a.values()) == {n} for a, n in zip(adam_steps, (1, 1, 2)))
-    for k in s3:
-        if k.endswith((":exp_avg", ":exp_avg_sq", ":fp32")):
-            assert not torch.equal(s3[k], s2[k]) and s3[k].isfinite().all(), k
+    optim = [k for k in s3 if k.endswith((":exp_avg", ":exp_avg_sq", ":fp32"))]
+    moved = [k for k in optim if s3[k].any()]  # ZeRO-0's per-parameter states: adaLN-Zero keeps some grads 0 so far
+    assert len(moved) > len(optim) // 2
+    for k in moved:
+        assert not torch.equal(s3[k], s2[k]) and s3[k].isfinite().all(), k
     for param in ("dense:x_embedder.weight", "experts_ep0001:blocks.1.mlp.routed_experts.w1"):
         for what in (":model", ":ema"):
             assert not torch.equal(s3[param + what], s2[param + what]), param + what

@@ -52,9 +52,10 @@ def test_step_draws_do_not_depend_on_the_world_size():
     assert many["t"].unique().numel() == 4000 and 0 < many["t"].min() and many["t"].max() < 1
 
 
-def test_ep2_zero1_and_zero2_match_single_process(tmp_path):
+def test_ep2_zero0_zero1_zero2_match_single_process(tmp_path):
     steps = ["train.steps=3", "train.ckpt_every=3"]
-    run(1, COMMON + steps + ["train.ep_size=1", f"train.out_dir={tmp_path / 'one'}"], tmp_path / "log1")
+    run(1, COMMON + ["train.steps=5", "train.ckpt_every=3", "train.ep_size=1", f"train.out_dir={tmp_path / 'one'}"],
+        tmp_path / "log1")
     run(2, COMMON + steps + ["train.ep_size=2", f"train.out_dir={tmp_path / 'two'}", "wandb.mode=offline"],
         tmp_path / "log2")
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
@@ -63,6 +64,7 @@ def test_ep2_zero1_and_zero2_match_single_process(tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
         assert b["rcl"] == pytest.approx(a["rcl"], rel=1e-4, abs=1e-6)
     assert m1[-1]["loss"] != m1[0]["loss"]  # it trained
+    assert min(r["grad_norm"] for r in m1) > 2 * 0.5  # clipped at 0.5 on every step: the norm decides the update
     tag1, tag2 = tmp_path / "one/checkpoints/step_00000003", tmp_path / "two/checkpoints/step_00000003"
     s1, n1 = load_full(tag1)
     s2, n2 = load_full(tag2)
@@ -78,6 +80,23 @@ def test_ep2_zero1_and_zero2_match_single_process(tmp_path):
     assert n3 == 2 and s3.keys() == s1.keys()
     for name in s1:
         torch.testing.assert_close(s3[name], s1[name], rtol=1e-4, atol=1e-6, msg=name)
+    # ZeRO-0 (clipping by the global norm inside the fused AdamW, expert norms summed over the EP group), then
+    # resumed from its step-3 checkpoint (AdamW moments from DeepSpeed's per-EP-rank optimizer files) to step 5
+    z0 = COMMON + ["train.ep_size=2", "train.zero_stage=0", f"train.out_dir={tmp_path / 'z0'}"]
+    run(2, z0 + steps, tmp_path / "log4")
+    s4, n4 = load_full(tmp_path / "z0/checkpoints/step_00000003")
+    assert n4 == 2 and s4.keys() == s1.keys()
+    for name in s1:
+        torch.testing.assert_close(s4[name], s1[name], rtol=1e-4, atol=1e-6, msg=name)
+    run(2, z0 + ["train.steps=5", "train.ckpt_every=3"], tmp_path / "log5")
+    assert [r["step"] for r in metrics(tmp_path / "z0")] == [1, 2, 3, 4, 5]
+    for a, b in zip(m1, metrics(tmp_path / "z0")):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    s5, _ = load_full(tmp_path / "z0/checkpoints/step_00000005")
+    s6, _ = load_full(tmp_path / "one/checkpoints/step_00000005")
+    for name in s6:
+        torch.testing.assert_close(s5[name], s6[name], rtol=1e-4, atol=1e-6, msg=name)
     # replicated weights identical on both ranks, routed experts different (each rank its own slice)
     d0 = torch.load(tag2 / "promoe/rank00000.pt", weights_only=False)["param_digest"]
     d1 = torch.load(tag2 / "promoe/rank00001.pt", weights_only=False)["param_digest"]
@@ -146,6 +165,37 @@ def test_all_to_all_dispatch_is_dropless_and_exact():
         assert same, f"rank {rank}: expert-parallel output differs from the local layer"
         assert recv == sent == total_routed  # every routed (token, expert) pair arrived: nothing dropped
         assert same_grad and grad_mass > 0, f"rank {rank}: gradients differ from the local layer"
+
+
+def _grad_norm_worker(rank, world, port, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    import deepspeed
+
+    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, global_grad_norm
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    ep_rank = create_groups(2)
+    model = build_model(load_config(TINY, ["model.depth=2"]).model, ep_size=2, ep_rank=ep_rank)
+    apply_expert_parallel(model, 2)
+    squares = {"dense": 0.0, "expert": 0.0}
+    for i, (name, p) in enumerate(model.named_parameters()):
+        expert = ".routed_experts." in name  # a replica's gradients equal, an EP rank's experts its own
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i + 1000 * ep_rank * expert))
+        squares["expert" if expert else "dense"] += p.grad.double().square().sum().item()
+    q.put((rank, ep_rank, global_grad_norm(list(model.parameters()), 2).item(), squares))
+
+
+def test_global_grad_norm_counts_every_gradient_once():
+    """ZeRO-0's clipping norm, 4 ranks with ep_size 2 (two replicas of each EP rank): replicated gradients
+    once, each EP rank's routed experts once, whatever the replica."""
+    results = spawn_workers(_grad_norm_worker, 4, timeout=180)
+    dense = {round(sq["dense"], 6) for *_, sq in results}
+    experts = {ep: sq["expert"] for _, ep, _, sq in results}
+    assert len(dense) == 1 and len(experts) == 2 and all(experts.values())
+    want = (dense.pop() + sum(experts.values())) ** 0.5
+    for rank, _, norm, _ in results:
+        assert norm == pytest.approx(want, rel=1e-6), rank
 
 
 def _compiled_ep_worker(rank, world, port, q):
@@ -258,6 +308,7 @@ def test_noncontiguous_gradients_with_expert_parallel_are_refused():
     ("train.global_batch=7 train.micro_batch=2", "train.global_batch"),
     ("data.source=wds data.path=/nonexistent", "data.path"),
     ("train.ds_config=ds_configs/bad_test.json", "unknown ds_config key"),
+    ("train.zero_stage=1 train.offload_optimizer=true", "train.offload_optimizer: needs train.zero_stage=2"),
 ])
 def test_bad_configs_fail_before_training(tmp_path, override, needle):
     bad = REPO / "ds_configs" / "bad_test.json"

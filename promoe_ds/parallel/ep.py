@@ -171,5 +171,21 @@ def apply_expert_parallel(model: DiT, ep_size: int) -> None:
         model.ds_expert_marker = ExpertParamsMarker(layers[0].spec.routed, ep_size)
 
 
+def global_grad_norm(params: list[nn.Parameter], ep_size: int) -> torch.Tensor:
+    """L2 norm of the whole model's gradient over all ranks, a float32 0-d tensor equal on every rank, read
+    after DeepSpeed's gradient reduction: replicated gradients are then the same on every rank and count
+    once; each routed expert's gradient lives on its EP rank only, so their squares are summed over the
+    expert-parallel group."""
+    def squares(grads):
+        return torch.stack(torch._foreach_norm(grads)).float().square().sum() if grads else torch.zeros(())
+
+    held = [p for p in params if p.grad is not None]
+    dense = squares([p.grad for p in held if getattr(p, "allreduce", True)])
+    expert = squares([p.grad for p in held if not getattr(p, "allreduce", True)]).to(dense.device)
+    if ep_size > 1:
+        dist.all_reduce(expert, group=groups._get_expert_parallel_group(group_name(ep_size)))
+    return (dense + expert).sqrt()
+
+
 def is_expert_param_name(name: str) -> bool:
     return ".routed_experts." in name
