@@ -172,6 +172,10 @@ def train(cfg: Config) -> int:
     model.to(device)
     params = list(model.parameters())
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)
+    if zero_stage == 0 and world == 1:
+        # one rank: DeepSpeed's reduction would only flatten the gradients, scale them by 1 and copy them back
+        # (as it skips it without a process group)
+        engine.enable_backward_allreduce = False
     ema = EMA(model, t.ema_decay)
     objective = build_objective(cfg.objective)
     expert_writer = (rank // t.ep_size) == 0  # first expert-data-parallel replica of each EP rank

@@ -54,8 +54,8 @@ def test_step_draws_do_not_depend_on_the_world_size():
 
 def test_ep2_zero0_zero1_zero2_match_single_process(tmp_path):
     steps = ["train.steps=3", "train.ckpt_every=3"]
-    run(1, COMMON + ["train.steps=5", "train.ckpt_every=3", "train.ep_size=1", f"train.out_dir={tmp_path / 'one'}"],
-        tmp_path / "log1")
+    run(1, COMMON + ["train.steps=5", "train.ckpt_every=3", "train.ep_size=1", "train.zero_stage=0",
+                     f"train.out_dir={tmp_path / 'one'}"], tmp_path / "log1")  # ZeRO-0, one rank: no reduction
     run(2, COMMON + steps + ["train.ep_size=2", f"train.out_dir={tmp_path / 'two'}", "wandb.mode=offline"],
         tmp_path / "log2")
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
