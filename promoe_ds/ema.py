@@ -18,14 +18,9 @@ class EMA:
         self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self, gate: torch.Tensor | None = None) -> None:
-        """shadow <- decay * shadow + (1 - decay) * param; with ``gate`` (a 0-d device tensor, 1 or 0) the
-        update happens only where it is 1, decided on the device (no host sync)."""
-        params = [p.detach().float() for p in self.params]
-        if gate is None:
-            torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay)
-        else:
-            torch._foreach_lerp_(self.shadow, params, [gate * (1.0 - self.decay)] * len(params))
+    def update(self) -> None:
+        # shadow <- decay * shadow + (1 - decay) * param
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.shadow))

@@ -94,18 +94,19 @@ class LateRead:
         return self.host
 
 
-def clip_in_adamw(optimizer, norm: torch.Tensor, max_norm: float, ok: torch.Tensor) -> torch.Tensor:
-    """ZeRO-0's update, clipped and guarded inside torch's fused AdamW, with no host sync: DeepSpeed's ZeRO-0
-    clips per parameter in Python and would apply non-finite gradients. Through the inputs torch's GradScaler
-    uses, the fused kernel divides every gradient by ``grad_scale`` = max(1, norm / max_norm) (clipping, no
-    pass of its own) and skips the whole update, AdamW's step count included, where ``found_inf`` is set: a
-    non-finite loss on any rank (``ok`` = 0) or a non-finite gradient norm. Returns the device flag "update
-    applied" (1 / 0); ``_global_grad_norm`` is where DeepSpeed's engine reads the norm it reports."""
-    applied = ok * torch.isfinite(norm)
+def clip_in_adamw(optimizer, norm: torch.Tensor, max_norm: float, ok: torch.Tensor) -> None:
+    """ZeRO-0's update, clipped and guarded inside torch's fused AdamW: DeepSpeed's ZeRO-0 clips per parameter
+    in Python and would apply non-finite gradients. Through the inputs torch's GradScaler uses, the fused
+    kernel divides every gradient by ``grad_scale`` = max(1, norm / max_norm) (clipping, no pass of its own)
+    and skips the whole update, AdamW's step count included, where ``found_inf`` is set: a non-finite loss on
+    any rank (``ok`` = 0) or a non-finite gradient norm. ``overflow`` and ``_global_grad_norm`` are what
+    DeepSpeed's engine reads from its optimizer: it then counts the skip, holds the LR schedule and reports
+    the norm as under ZeRO-1/2. Reading ``overflow`` is the step's one host sync."""
+    finite = ok * torch.isfinite(norm)
     optimizer.grad_scale = torch.clamp(norm / max_norm, min=1.0) if max_norm > 0 else None
-    optimizer.found_inf = 1.0 - applied
+    optimizer.found_inf = 1.0 - finite
     optimizer._global_grad_norm = norm
-    return applied
+    optimizer.overflow = LateRead(finite).get().item() == 0
 
 
 class StopFlag:
@@ -214,34 +215,6 @@ def train(cfg: Config) -> int:
     profiler = (StepProfiler(out_dir, rank, t.profile_at, t.profile_steps, device, t.profile_python)
                 if t.profile_at else None)
     bad_in_a_row, skipped = 0, 0
-    pending = None  # ZeRO-0: (step, its "update applied" flag on the way to the host), read one step late
-
-    def settle(done: int, applied: bool) -> None:
-        """The host's record of step ``done``: count a skipped update, abort after max_bad_steps in a row."""
-        nonlocal bad_in_a_row, skipped
-        if applied:
-            bad_in_a_row = 0
-            return
-        skipped += 1
-        bad_in_a_row += 1
-        if rank == 0:
-            print(f"step {done}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row, "
-                  f"{skipped} total)", flush=True)
-        if bad_in_a_row >= t.max_bad_steps:
-            raise RuntimeError(f"step {done}: {bad_in_a_row} step(s) in a row skipped for a non-finite loss or "
-                               f"gradient: aborting (train.max_bad_steps={t.max_bad_steps}); last good "
-                               f"checkpoint in {ckpt_dir}")
-
-    def settle_late(done: int, applied: LateRead) -> None:
-        """ZeRO-0: AdamW and EMA skipped a bad step on the device; DeepSpeed, which saw none of it, counted it
-        as applied and stepped the LR schedule. Before the next update: the engine's count, the schedule back."""
-        ok_step = bool(applied.get().item())
-        if not ok_step:
-            engine.skipped_steps += 1
-            if engine.lr_scheduler is not None:
-                engine.lr_scheduler.step(engine.lr_scheduler.last_batch_iteration - 1)
-        settle(done, ok_step)
-
     step = start
     while step < t.steps:
         if profiler:
@@ -274,10 +247,7 @@ def train(cfg: Config) -> int:
                 engine.backward(loss)
             with phase("optimizer"):
                 if zero_stage == 0 and mi == gas - 1:
-                    applied = clip_in_adamw(engine.optimizer, global_grad_norm(params, t.ep_size), t.grad_clip, ok)
-                    if pending is not None:  # the last step's flag, computed long ago: the read waits for nothing
-                        settle_late(*pending)
-                    pending = (step + 1, LateRead(applied))
+                    clip_in_adamw(engine.optimizer, global_grad_norm(params, t.ep_size), t.grad_clip, ok)
                 engine.step()
             # device tensors, summed on the GPU and read at the next log; micro-batches of a bad step left out
             logger.add({"rcl": aux["rcl"], "lb": aux["lb"], **losses}, aux.get("counts"), keep=ok)
@@ -287,43 +257,43 @@ def train(cfg: Config) -> int:
         # backward running as usual. At the accumulation boundary the ZeRO-1/2 optimizer's step() finds the
         # global gradient norm non-finite (checked for fp32 master weights too; the non-expert norm is summed
         # over all ranks), sets `overflow`, drops the gradients accumulated over ALL micro-batches of the step
-        # and returns before AdamW runs: weights, moments and AdamW's step count stay bit for bit. The engine
-        # counts the step in its skipped_steps, does not step the LR scheduler and advances its micro/global
-        # step counters as usual, so the next step is a normal one. DeepSpeed also skips steps whose losses
-        # were finite but whose gradients were not, so EMA and the counters follow was_step_applied(). An
-        # optimizer without this check (zero_optimization.compute_grad_norm=false) would have applied the
-        # NaNs: stop, never train on. ZeRO-0 skips the same steps on the device (clip_in_adamw, and the EMA
-        # gated by the same flag); the host learns of it a step later (settle_late), so no step waits for
-        # the GPU to drain.
+        # and returns before AdamW runs: weights, moments and AdamW's step count stay bit for bit (ZeRO-0:
+        # clip_in_adamw does the same). The engine counts the step in its skipped_steps, does not step the LR
+        # scheduler and advances its micro/global step counters as usual, so the next step is a normal one.
+        # DeepSpeed also skips steps whose losses were finite but whose gradients were not, so EMA and the
+        # counters follow was_step_applied(). An optimizer without this check
+        # (zero_optimization.compute_grad_norm=false) would have applied the NaNs: stop, never train on.
+        applied = engine.was_step_applied()
+        bad = bad_read.get().item() == 0
         step += 1
         logger.step()
-        if zero_stage == 0:
-            with phase("ema"):
-                ema.update(gate=applied)
+        if bad and applied:
+            raise RuntimeError(f"step {step}: DeepSpeed applied an update with non-finite gradients (its optimizer "
+                               "has no overflow skip: keep zero_optimization.compute_grad_norm=true); "
+                               f"the weights are invalid, resume from the last checkpoint in {ckpt_dir}")
+        if not applied:
+            skipped += 1
+            bad_in_a_row += 1
+            if rank == 0:
+                print(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row, "
+                      f"{skipped} total)", flush=True)
+            if bad_in_a_row >= t.max_bad_steps:
+                raise RuntimeError(f"step {step}: {bad_in_a_row} step(s) in a row skipped for a non-finite loss or "
+                                   f"gradient: aborting (train.max_bad_steps={t.max_bad_steps}); last good "
+                                   f"checkpoint in {ckpt_dir}")
         else:
-            applied = engine.was_step_applied()
-            if bad_read.get().item() == 0 and applied:
-                raise RuntimeError(f"step {step}: DeepSpeed applied an update with non-finite gradients (its "
-                                   "optimizer has no overflow skip: keep zero_optimization.compute_grad_norm=true); "
-                                   f"the weights are invalid, resume from the last checkpoint in {ckpt_dir}")
-            settle(step, applied)
-            if applied:
-                with phase("ema"):
-                    ema.update()
+            bad_in_a_row = 0
+            with phase("ema"):
+                ema.update()
         with phase("bookkeeping"):
-            stopping = stop.agreed(device)
-            log_now = step % t.log_every == 0 or step == t.steps
-            save_now = stopping or (t.ckpt_every and (step % t.ckpt_every == 0 or step == t.steps))
-            if pending is not None and (log_now or save_now):
-                settle_late(*pending)
-                pending = None
-            if log_now:
+            if step % t.log_every == 0 or step == t.steps:
                 logger.log(step, {"grad_norm": float(engine.get_global_grad_norm() or 0.0),
                                   "lr": engine.get_lr()[0], "skipped_steps": skipped,
                                   **{f"data/{k}": v for k, v in data.stats.items()}})
+            stopping = stop.agreed(device)
         if profiler:
             profiler.end(step, last=stopping or step == t.steps)
-        if save_now:
+        if stopping or (t.ckpt_every and (step % t.ckpt_every == 0 or step == t.steps)):
             save(step)
         if stopping:
             if rank == 0:
