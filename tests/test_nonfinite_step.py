@@ -76,7 +76,10 @@ CASES = {
     "zero1-gas2": (1, 2, 0, float("nan")),  # ZeRO-1: gradients reduced at the boundary only
     "zero0-gas2": (0, 2, 1, float("inf")),  # ZeRO-0: the skip is the fused AdamW's found_inf (train.clip_in_adamw)
     "abort": (2, 1, 0, float("nan")),       # train.max_bad_steps=1
+    "zero2-warmup": (2, 1, 0, float("nan")),  # WARMUP: LR warm-up, logs and a checkpoint only after step 4
+    "zero0-warmup": (0, 1, 0, float("nan")),  # ZeRO-0 (the skip reported to DeepSpeed by clip_in_adamw)
 }
+WARMUP = ["train.steps=4", "train.log_every=4", "train.ckpt_every=4", "train.warmup_steps=10"]
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +95,8 @@ def runs(tmp_path_factory):
             "objective.class_dropout=0.25", f"train.out_dir={d / 'run'}"]
         if name == "abort":
             overrides.append("train.max_bad_steps=1")
+        if name.endswith("-warmup"):
+            overrides += WARMUP
         (d / "log").mkdir()
         started[name] = (d, launch(2, overrides, log_dir=d / "log"))
     yield started
@@ -168,3 +173,23 @@ def test_max_bad_steps_aborts_with_a_clear_message(runs):
                 f"(train.max_bad_steps=1); last good checkpoint in {out / 'checkpoints'}") in t, t[-3000:]
     assert (out / "checkpoints/latest").read_text().strip() == "step_00000001"
     assert [r["step"] for r in metrics(out)] == [1]
+
+
+def test_zero0_skips_like_zero2_under_lr_warmup(runs):
+    """The skipped step 2 holds the LR warm-up and counts as skipped under ZeRO-0 as under ZeRO-2, and the
+    weights and EMA after step 4 agree."""
+    (o2, log2, c2), (o0, log0, c0) = finish(runs, "zero2-warmup"), finish(runs, "zero0-warmup")
+    assert c2 == c0 == [0, 0], (log0 / "rank0.log").read_text()[-3000:]
+    r2, r0 = metrics(o2), metrics(o0)
+    assert [(r["step"], r["skipped_steps"]) for r in r0] == [(r["step"], r["skipped_steps"]) for r in r2] == [(4, 1)]
+    assert r0[0]["lr"] == r2[0]["lr"] == pytest.approx(3e-4 * 2 / 10)  # WarmupLR after 3 updates (4: 3e-4 * 3 / 10)
+    assert r0[0]["loss"] == pytest.approx(r2[0]["loss"], rel=1e-5)
+    tag2, tag0 = o2 / "checkpoints/step_00000004", o0 / "checkpoints/step_00000004"
+    assert engine_counters(tag0) == engine_counters(tag2) == (4, 1)
+    s2, s0 = saved_state(tag2), saved_state(tag0)
+    weights = [k for k in s2 if k.endswith((":model", ":ema"))]
+    assert weights and set(weights) <= s0.keys()
+    for k in weights:
+        torch.testing.assert_close(s0[k], s2[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert "step 2: non-finite loss or gradient, update skipped (1 in a row, 1 total)" in \
+        (log0 / "rank0.log").read_text()
