@@ -101,12 +101,13 @@ def clip_in_adamw(optimizer, norm: torch.Tensor, max_norm: float, ok: torch.Tens
     and skips the whole update, AdamW's step count included, where ``found_inf`` is set: a non-finite loss on
     any rank (``ok`` = 0) or a non-finite gradient norm. ``overflow`` and ``_global_grad_norm`` are what
     DeepSpeed's engine reads from its optimizer: it then counts the skip, holds the LR schedule and reports
-    the norm as under ZeRO-1/2. Reading ``overflow`` is the step's one host sync."""
+    the norm as under ZeRO-1/2. Setting ``overflow`` is the step's one host sync (no sync at all measured
+    no faster: docs/speed.md)."""
     finite = ok * torch.isfinite(norm)
     optimizer.grad_scale = torch.clamp(norm / max_norm, min=1.0) if max_norm > 0 else None
     optimizer.found_inf = 1.0 - finite
     optimizer._global_grad_norm = norm
-    optimizer.overflow = LateRead(finite).get().item() == 0
+    optimizer.overflow = finite.item() == 0
 
 
 class StopFlag:
@@ -174,7 +175,7 @@ def train(cfg: Config) -> int:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)
     if zero_stage == 0 and world == 1:
         # one rank: DeepSpeed's reduction would only flatten the gradients, scale them by 1 and copy them back
-        # (as it skips it without a process group)
+        # (measured: 3.5% of the step); DeepSpeed itself turns it off only when there is no process group
         engine.enable_backward_allreduce = False
     ema = EMA(model, t.ema_decay)
     objective = build_objective(cfg.objective)
