@@ -167,14 +167,19 @@ def test_all_to_all_dispatch_is_dropless_and_exact():
         assert same_grad and grad_mass > 0, f"rank {rank}: gradients differ from the local layer"
 
 
-def _grad_norm_worker(rank, world, port, q):
+def _init_deepspeed_worker(rank, world, port):
+    """A spawned worker's process group, the way DeepSpeed starts one (gloo, CPU accelerator)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import deepspeed
 
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def _grad_norm_worker(rank, world, port, q):
+    _init_deepspeed_worker(rank, world, port)  # before promoe_ds imports DeepSpeed's modules
     from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, global_grad_norm
 
-    deepspeed.init_distributed(dist_backend="gloo")
     ep_rank = create_groups(2)
     model = build_model(load_config(TINY, ["model.depth=2"]).model, ep_size=2, ep_rank=ep_rank)
     apply_expert_parallel(model, 2)
@@ -199,14 +204,10 @@ def test_global_grad_norm_counts_every_gradient_once():
 
 
 def _compiled_ep_worker(rank, world, port, q):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    import deepspeed
-
+    _init_deepspeed_worker(rank, world, port)  # before promoe_ds imports DeepSpeed's modules
     from promoe_ds.models.dit import compile_model
     from promoe_ds.parallel.ep import apply_expert_parallel, create_groups
 
-    deepspeed.init_distributed(dist_backend="gloo")
     cfg = load_config(TINY, ["model.depth=2", "model.hidden_size=32", "model.num_heads=2"]).model
     model = build_model(cfg, ep_size=2, ep_rank=create_groups(2)).train()
     model.set_expert_backend("grouped", "cpu")
