@@ -1,7 +1,8 @@
 """Train-step benchmarks (issue 7): configurations side by side on one GPU, or weak scaling over GPUs.
 
 One GPU: dense DiT-XL vs ProMoE-XL per expert backend. One step = flow-matching forward (bf16
-autocast) + RCL, backward, grad clip 0.5, fused AdamW, EMA update, on 256px latents (4x32x32) with
+autocast) + RCL, backward, grad clip 0.5 and fused AdamW (the clip inside AdamW, as the trainer's ZeRO-0
+step does: train.clip_in_adamw), EMA update, on 256px latents (4x32x32) with
 synthetic data. Every configuration runs in the same process on the same GPU, so the printed ratios
 compare like with like. Prints img/s, step ms, peak GiB, MFU and the ratios to compiled dense and
 to the loop reference.
@@ -41,7 +42,9 @@ from promoe_ds.diffusion import build_objective
 from promoe_ds.ema import EMA
 from promoe_ds.metrics import peak_flops, train_flops_per_image
 from promoe_ds.models.dit import build_model, compile_model, count_params
+from promoe_ds.parallel.ep import global_grad_norm
 from promoe_ds.scaling import ScalingError, add_ratios, markdown_table, summarize
+from promoe_ds.train import clip_in_adamw
 
 COMPILERS = {None: lambda m: m,   # eager
              "torch": torch.compile,  # plain torch.compile: the issue's dense reference
@@ -68,7 +71,9 @@ def make_step(preset: str, backend: str | None, compiler: str | None, batch: int
     if backend:
         model.set_expert_backend(backend, dev)
     fwd = COMPILERS[compiler](model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
+    ok = torch.ones((), device=dev)
     ema = EMA(model, 0.9999)
     objective = build_objective(ObjectiveConfig())
     g = torch.Generator().manual_seed(0)
@@ -94,7 +99,7 @@ def make_step(preset: str, backend: str | None, compiler: str | None, batch: int
         mark("forward")
         loss.backward()
         mark("backward")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        clip_in_adamw(opt, global_grad_norm(params, 1), 0.5, ok)  # the norm now; the clip runs in opt.step()
         mark("clip")
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -94,20 +94,16 @@ class LateRead:
         return self.host
 
 
-def clip_in_adamw(optimizer, norm: torch.Tensor, max_norm: float, ok: torch.Tensor) -> None:
-    """ZeRO-0's update, clipped and guarded inside torch's fused AdamW: DeepSpeed's ZeRO-0 clips per parameter
-    in Python and would apply non-finite gradients. Through the inputs torch's GradScaler uses, the fused
-    kernel divides every gradient by ``grad_scale`` = max(1, norm / max_norm) (clipping, no pass of its own)
+def clip_in_adamw(optimizer, norm: torch.Tensor, max_norm: float, ok: torch.Tensor) -> torch.Tensor:
+    """Clipping and the non-finite skip inside torch's fused AdamW, no pass of their own: through the inputs
+    torch's GradScaler uses, the fused kernel divides every gradient by ``grad_scale`` = max(1, norm / max_norm)
     and skips the whole update, AdamW's step count included, where ``found_inf`` is set: a non-finite loss on
-    any rank (``ok`` = 0) or a non-finite gradient norm. ``overflow`` and ``_global_grad_norm`` are what
-    DeepSpeed's engine reads from its optimizer: it then counts the skip, holds the LR schedule and reports
-    the norm as under ZeRO-1/2. Setting ``overflow`` is the step's one host sync (no sync at all measured
-    no faster: docs/speed.md)."""
+    any rank (``ok`` = 0) or a non-finite gradient norm. Returns the device flag "update applied" (1 / 0);
+    nothing here waits for the GPU. The trainer's ZeRO-0 step and the benchmark's step (bench/train_step.py)."""
     finite = ok * torch.isfinite(norm)
     optimizer.grad_scale = torch.clamp(norm / max_norm, min=1.0) if max_norm > 0 else None
     optimizer.found_inf = 1.0 - finite
-    optimizer._global_grad_norm = norm
-    optimizer.overflow = finite.item() == 0
+    return finite
 
 
 class StopFlag:
@@ -248,7 +244,13 @@ def train(cfg: Config) -> int:
                 engine.backward(loss)
             with phase("optimizer"):
                 if zero_stage == 0 and mi == gas - 1:
-                    clip_in_adamw(engine.optimizer, global_grad_norm(params, t.ep_size), t.grad_clip, ok)
+                    # DeepSpeed's ZeRO-0 would clip per parameter in Python and apply non-finite gradients
+                    norm = global_grad_norm(params, t.ep_size)
+                    update_ok = clip_in_adamw(engine.optimizer, norm, t.grad_clip, ok)
+                    # what the engine reads from its optimizer: it then counts a skip, holds the LR schedule and
+                    # reports the norm as under ZeRO-1/2. The step's one host sync (none measured no faster)
+                    engine.optimizer._global_grad_norm = norm
+                    engine.optimizer.overflow = update_ok.item() == 0
                 engine.step()
             # device tensors, summed on the GPU and read at the next log; micro-batches of a bad step left out
             logger.add({"rcl": aux["rcl"], "lb": aux["lb"], **losses}, aux.get("counts"), keep=ok)

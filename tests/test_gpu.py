@@ -43,3 +43,46 @@ def test_expert_backend_matches_loop(backend):
     assert y.shape == (0, 256)
     y.float().backward(torch.ones(0, 256, device="cuda"))  # a materialised gradient, as the model's
     assert all(p.grad is not None and not p.grad.any() for p in g.parameters())
+
+
+@pytest.mark.parametrize("marked", [False, True], ids=["dense", "routed-experts-marked"])
+def test_zero0_clip_and_skip_never_wait_for_the_gpu(marked):
+    """The ZeRO-0 update (global norm, clip and skip inside the fused AdamW) queues without a host sync,
+    with or without routed-expert gradients (an empty group's zero was once a host tensor: a synchronising
+    copy), and matches clip_grad_norm_ + AdamW; a non-finite loss flag leaves the weights as they were."""
+    from promoe_ds.parallel.ep import global_grad_norm
+    from promoe_ds.train import clip_in_adamw
+
+    torch.manual_seed(0)
+    shapes = [(64, 32), (64,), (4, 128, 32), (4, 32)]
+    ref = [torch.randn(s, device="cuda") for s in shapes]
+    grads = [torch.randn(s, device="cuda") * 3 for s in shapes]  # norm > 0.5: clipping is active
+
+    def make():
+        params = [torch.nn.Parameter(r.clone()) for r in ref]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+            p.allreduce = not (marked and p.dim() == 3)  # DeepSpeed's mark of routed-expert parameters
+        return params, torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0, fused=True)
+
+    expected, opt = make()
+    torch.nn.utils.clip_grad_norm_(expected, 0.5)
+    opt.step()
+
+    params, opt = make()
+    ok = torch.ones((), device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        applied = clip_in_adamw(opt, global_grad_norm(params, 1), 0.5, ok)
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert applied.item() == 1
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p, e)
+
+    params, opt = make()
+    assert clip_in_adamw(opt, global_grad_norm(params, 1), 0.5, torch.zeros((), device="cuda")).item() == 0
+    opt.step()
+    for p, r in zip(params, ref):
+        assert torch.equal(p, r)

@@ -77,7 +77,7 @@ CASES = {
     "zero0-gas2": (0, 2, 1, float("inf")),  # ZeRO-0: the skip is the fused AdamW's found_inf (train.clip_in_adamw)
     "abort": (2, 1, 0, float("nan")),       # train.max_bad_steps=1
     "zero2-warmup": (2, 1, 0, float("nan")),  # WARMUP: LR warm-up, logs and a checkpoint only after step 4
-    "zero0-warmup": (0, 1, 0, float("nan")),  # ZeRO-0 (the skip reported to DeepSpeed by clip_in_adamw)
+    "zero0-warmup": (0, 1, 0, float("nan")),  # ZeRO-0 (the skip reported to DeepSpeed by the trainer)
 }
 WARMUP = ["train.steps=4", "train.log_every=4", "train.ckpt_every=4", "train.warmup_steps=10"]
 

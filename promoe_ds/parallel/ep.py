@@ -176,12 +176,16 @@ def global_grad_norm(params: list[nn.Parameter], ep_size: int) -> torch.Tensor:
     after DeepSpeed's gradient reduction: replicated gradients are then the same on every rank and count
     once; each routed expert's gradient lives on its EP rank only, so their squares are summed over the
     expert-parallel group."""
-    def squares(grads):
-        return torch.stack(torch._foreach_norm(grads)).float().square().sum() if grads else torch.zeros(())
-
     held = [p for p in params if p.grad is not None]
+    device = held[0].grad.device if held else torch.device("cpu")
+
+    def squares(grads):  # no gradient: a zero made on the device (copying a host tensor there would sync)
+        if not grads:
+            return torch.zeros((), device=device)
+        return torch.stack(torch._foreach_norm(grads)).float().square().sum()
+
     dense = squares([p.grad for p in held if getattr(p, "allreduce", True)])
-    expert = squares([p.grad for p in held if not getattr(p, "allreduce", True)]).to(dense.device)
+    expert = squares([p.grad for p in held if not getattr(p, "allreduce", True)])
     if ep_size > 1:
         dist.all_reduce(expert, group=groups._get_expert_parallel_group(group_name(ep_size)))
     return (dense + expert).sqrt()
