@@ -248,7 +248,7 @@ def train(cfg: Config) -> int:
                     norm = global_grad_norm(params, t.ep_size)
                     update_ok = clip_in_adamw(engine.optimizer, norm, t.grad_clip, ok)
                     # what the engine reads from its optimizer: it then counts a skip, holds the LR schedule and
-                    # reports the norm as under ZeRO-1/2. The step's one host sync (none measured no faster)
+                    # reports the norm as under ZeRO-1/2. The step's one host sync (without it: no faster, docs/speed.md)
                     engine.optimizer._global_grad_norm = norm
                     engine.optimizer.overflow = update_ok.item() == 0
                 engine.step()
