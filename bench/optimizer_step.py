@@ -31,42 +31,31 @@ def main():
     def norm():
         return torch.stack(torch._foreach_norm(grads)).square().sum().sqrt()
 
-    def separate():  # clip_grad_norm_'s way: norm, one multiply pass, then AdamW
-        coef = torch.clamp(0.5 / (norm() + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef)
-        opt.step()
-
-    def scale_only():
-        opt.grad_scale, opt.found_inf = torch.clamp(norm() / 0.5, min=1.0), None
-        opt.step()
-
-    def skip_only():
-        coef = torch.clamp(0.5 / (norm() + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef)
-        opt.grad_scale, opt.found_inf = None, zero
-        opt.step()
-
-    def scale_and_skip():  # train.clip_in_adamw
-        opt.grad_scale, opt.found_inf = torch.clamp(norm() / 0.5, min=1.0), zero
-        opt.step()
-
-    def adamw_only():
-        opt.grad_scale, opt.found_inf = None, None
+    def step(clip_pass: bool, scale: bool, skip: bool):
+        """clip_pass: clip_grad_norm_'s way (norm, one multiply pass); scale: the clip as AdamW's grad_scale;
+        skip: AdamW's found_inf input (both: train.clip_in_adamw)."""
+        n = norm() if clip_pass or scale else None
+        if clip_pass:
+            torch._foreach_mul_(grads, torch.clamp(0.5 / (n + 1e-6), max=1.0))
+        opt.grad_scale = torch.clamp(n / 0.5, min=1.0) if scale else None
+        opt.found_inf = zero if skip else None
         opt.step()
 
     for p, g in zip(params, grads):
         p.grad = g
     n = sum(p.numel() for p in params)
     print(f"{args.preset}: {len(params)} tensors, {n / 1e6:.0f}M parameters")
-    for name, fn in [("adamw only", adamw_only), ("clip pass + adamw", separate), ("adamw(grad_scale)", scale_only),
-                     ("clip pass + adamw(found_inf)", skip_only), ("adamw(grad_scale, found_inf)", scale_and_skip)] * 2:
+    variants = {"adamw only": (False, False, False), "clip pass + adamw": (True, False, False),
+                "adamw(grad_scale)": (False, True, False), "clip pass + adamw(found_inf)": (True, False, True),
+                "adamw(grad_scale, found_inf)": (False, True, True)}
+    for name, flags in list(variants.items()) * 2:
         for _ in range(3):
-            fn()
+            step(*flags)
         torch.cuda.synchronize()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for _ in range(args.iters):
-            fn()
+            step(*flags)
         b.record()
         torch.cuda.synchronize()
         print(f"{name:32s} {a.elapsed_time(b) / args.iters:7.2f} ms")

@@ -178,14 +178,14 @@ def _init_deepspeed_worker(rank, world, port):
 
 def _grad_norm_worker(rank, world, port, q):
     _init_deepspeed_worker(rank, world, port)  # before promoe_ds imports DeepSpeed's modules
-    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, global_grad_norm
+    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, global_grad_norm, is_expert_param_name
 
     ep_rank = create_groups(2)
     model = build_model(load_config(TINY, ["model.depth=2"]).model, ep_size=2, ep_rank=ep_rank)
     apply_expert_parallel(model, 2)
     squares = {"dense": 0.0, "expert": 0.0}
     for i, (name, p) in enumerate(model.named_parameters()):
-        expert = ".routed_experts." in name  # a replica's gradients equal, an EP rank's experts its own
+        expert = is_expert_param_name(name)  # a replica's gradients equal, an EP rank's experts its own
         p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i + 1000 * ep_rank * expert))
         squares["expert" if expert else "dense"] += p.grad.double().square().sum().item()
     q.put((rank, ep_rank, global_grad_norm(list(model.parameters()), 2).item(), squares))
