@@ -100,6 +100,10 @@ def build_ds_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict:
             # GPUs, and with ZeRO-0 everywhere (its grad_scale / found_inf inputs clip and skip, see train.py)
             **({} if offload else {"torch_adam": True, "fused": on_gpu or zero0})}},
     })
+    # DeepSpeed's throughput timer (on unless the base JSON sets "timers") synchronises the device at every
+    # engine forward and step() to time them, draining the GPU's queue twice per micro-step; its only output
+    # is a log line every steps_per_print steps, and the metrics logger reports img/s without a sync
+    cfg.setdefault("timers", {"throughput": {"enabled": False}})
     if train.warmup_steps:
         cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": train.lr,
                                                            "warmup_num_steps": train.warmup_steps,

@@ -1,4 +1,5 @@
 """Distributed training on the real DeepSpeed engine, several gloo processes on the CPU."""
+import json
 import os
 import signal
 import subprocess
@@ -305,6 +306,18 @@ def test_noncontiguous_gradients_with_expert_parallel_are_refused():
     assert build_ds_config(one, 2, on_gpu=False)["zero_optimization"]["contiguous_gradients"] is False
     with pytest.raises(ConfigError, match="contiguous_gradients .* false is wrong with train.ep_size=2"):
         build_ds_config(load_config(TINY, [variant, "train.ep_size=2"]).train, 2, on_gpu=False)
+
+
+def test_deepspeed_throughput_timer_is_off_unless_the_base_json_asks(tmp_path):
+    """DeepSpeed's throughput timer synchronises the device at each engine forward and step(): off by default,
+    read the way DeepSpeed reads it; a base JSON's own "timers" section wins."""
+    from deepspeed.utils.config import get_timers_config
+
+    assert get_timers_config(build_ds_config(load_config(TINY, []).train, 1, on_gpu=True)).enabled is False
+    mine = tmp_path / "timed.json"
+    mine.write_text(json.dumps({"zero_optimization": {"stage": 1}, "timers": {"throughput": {"enabled": True}}}))
+    timed = build_ds_config(load_config(TINY, [f"train.ds_config={mine}"]).train, 1, on_gpu=True)
+    assert get_timers_config(timed).enabled is True
 
 
 @pytest.mark.parametrize("override,needle", [
