@@ -204,25 +204,33 @@ def train(cfg: Config) -> int:
         meta = {"step": step, "world_size": world, "ep_size": t.ep_size,
                 "zero_stage": zero_stage, "config": to_dict(cfg),
                 "objective": cfg.objective.name, "version": promoe_ds.__version__}
-        rank_state = {"data": data.state_dict(), "rng": {"torch": torch.get_rng_state()},
+        rank_state = {"data": data_state, "rng": {"torch": torch.get_rng_state()},
                       "param_digest": ckpt.param_digest(model)}
         ckpt.save(engine, model, ema, ckpt_dir, step, meta, rank_state, rank=rank, ep_rank=ep_rank,
                   expert_writer=expert_writer, keep_last=t.keep_last)
 
     profiler = (StepProfiler(out_dir, rank, t.profile_at, t.profile_steps, device, t.profile_python)
                 if t.profile_at else None)
+
+    def micro_batch(s: int, mi: int):
+        """Micro-batch ``mi`` of step ``s`` (0-based) on the device: read, random draws, CFG's null label; the
+        copies are queued, nothing waits for the GPU."""
+        with phase("data"):
+            x0, y = data.next_batch()
+            draws = step_draws(objective, cfg, s, mi, latent_shape, range(rank * micro, (rank + 1) * micro))
+            y = torch.where(draws.pop("drop"), torch.full_like(y, m.num_classes), y)  # CFG's null label
+            return to_device((x0, y, draws), device)
+
     bad_in_a_row, skipped = 0, 0
     step = start
+    data_state = data.state_dict()  # where a checkpoint of the last finished step resumes reading
+    batch = micro_batch(step, 0) if step < t.steps else None
     while step < t.steps:
         if profiler:
             profiler.begin(step + 1)
         ok = torch.ones((), device=device)  # 0 once a micro-batch of this step had a non-finite loss on any rank
         for mi in range(gas):
-            with phase("data"):
-                x0, y = data.next_batch()
-                draws = step_draws(objective, cfg, step, mi, latent_shape, range(rank * micro, (rank + 1) * micro))
-                y = torch.where(draws.pop("drop"), torch.full_like(y, m.num_classes), y)  # CFG's null label
-                x0, y, draws = to_device((x0, y, draws), device)
+            x0, y, draws = batch
             with phase("forward"):
                 aux = {}
 
@@ -242,6 +250,13 @@ def train(cfg: Config) -> int:
                 bad_read = LateRead(ok)  # copied before the backward is queued: read after step(), it waits for nothing
             with phase("backward"):
                 engine.backward(loss)
+            # The next micro-batch's host work runs here, while the GPU works through this backward: after the
+            # optimizer's host sync below the GPU has only AdamW and the EMA queued, and would sit idle while the
+            # host read and drew the next batch (measured: docs/speed.md, "The host's share of the step").
+            nxt = (step, mi + 1) if mi + 1 < gas else (step + 1, 0)
+            if mi + 1 == gas:
+                data_state = data.state_dict()
+            batch = micro_batch(*nxt) if nxt[0] < t.steps else None
             with phase("optimizer"):
                 if zero_stage == 0 and mi == gas - 1:
                     # DeepSpeed's ZeRO-0 would clip per parameter in Python and apply non-finite gradients
