@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from promoe_ds.config import ConfigError
+from promoe_ds.models.moe import routed_expert_layer
 
 META = "meta.json"
 LATEST = "latest"
@@ -49,7 +50,7 @@ def split_state(model: torch.nn.Module, ema_state: dict) -> tuple[dict, dict]:
     dense, routed = {}, {}
     for name, p in model.named_parameters():
         entry = {"model": p.detach().float().cpu().clone(), "ema": ema_state[name].cpu().clone()}
-        (routed if ".routed_experts." in name else dense)[name] = entry
+        (routed if routed_expert_layer(name) else dense)[name] = entry
     return dense, routed
 
 
@@ -76,8 +77,7 @@ def save(engine, model, ema, ckpt_dir: Path, step: int, meta: dict, rank_state: 
     if rank == 0:
         _atomic_save(dense, own / "dense.pt")
     if expert_writer and routed:
-        first_id = {n.rsplit(".routed_experts.", 1)[0]: m.routed_experts.first_id
-                    for n, m in model.named_modules() if hasattr(m, "routed_experts")}
+        first_id = {n: m.routed_experts.first_id for n, m in model.named_modules() if hasattr(m, "routed_experts")}
         _atomic_save({"ep_rank": ep_rank, "first_id": first_id, "params": routed}, own / f"experts_ep{ep_rank:04d}.pt")
     _atomic_save(rank_state, own / f"rank{rank:05d}.pt")
     dist.barrier()

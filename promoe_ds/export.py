@@ -30,9 +30,9 @@ import promoe_ds
 from promoe_ds.checkpoint import LATEST, META, complete_tags
 from promoe_ds.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
 from promoe_ds.models.dit import DiT, build_model
+from promoe_ds.models.moe import routed_expert_layer
 
 WEIGHTS = ("ema", "model")
-ROUTED = ".routed_experts."  # in the name of every routed-expert tensor (split over expert-parallel ranks)
 
 
 # ---- checkpoint -> tensors ---------------------------------------------------------------------
@@ -78,7 +78,7 @@ def consolidate(tag_dir: Path, weights: str = "ema") -> tuple[dict[str, torch.Te
     cfg = model_config_from_dict(meta["config"]["model"])
     shapes = model_shapes(cfg)
     own = tag_dir / "promoe"
-    expert_files = [f"experts_ep{k:04d}.pt" for k in range(meta["ep_size"])] if any(ROUTED in n for n in shapes) else []
+    expert_files = [f"experts_ep{k:04d}.pt" for k in range(meta["ep_size"])] if any(map(routed_expert_layer, shapes)) else []
     missing = [name for name in ["dense.pt", *expert_files] if not (own / name).is_file()]
     if missing:
         raise ConfigError(f"cannot consolidate {str(tag_dir)!r}: {', '.join(missing)} absent from {str(own)!r} "
@@ -93,7 +93,7 @@ def consolidate(tag_dir: Path, weights: str = "ema") -> tuple[dict[str, torch.Te
     for name in expert_files:
         shard = read(name)
         for n, e in shard["params"].items():
-            pieces.setdefault(n, []).append((shard["first_id"][n.rsplit(ROUTED, 1)[0]], e[weights]))
+            pieces.setdefault(n, []).append((shard["first_id"][routed_expert_layer(n)], e[weights]))
     for n, parts in pieces.items():  # global-expert order; the slices must tile 0..routed-1
         parts.sort(key=lambda p: p[0])
         starts = [sum(len(t) for _, t in parts[:i]) for i in range(len(parts))]
@@ -200,8 +200,8 @@ def load_into(model: DiT, path: str | Path) -> dict[str, str]:
     want, rows = {}, {}  # full (1-process) shape of each parameter; this rank's rows of routed ones
     for name, p in params.items():
         want[name] = tuple(p.shape)
-        if ROUTED in name:
-            layer = model.get_submodule(name.rsplit(ROUTED, 1)[0])
+        if layer_name := routed_expert_layer(name):
+            layer = model.get_submodule(layer_name)
             want[name] = (layer.spec.routed, *p.shape[1:])
             rows[name] = slice(layer.routed_experts.first_id, layer.routed_experts.first_id + layer.routed_experts.num)
     try:

@@ -23,6 +23,7 @@ from promoe_ds.diffusion import build_objective
 from promoe_ds.ds_config import build_ds_config
 from promoe_ds.ema import EMA
 from promoe_ds.models.dit import build_model
+from promoe_ds.models.moe import routed_expert_layer
 from promoe_ds.parallel.launch import init_distributed
 from promoe_ds.train import step_draws
 
@@ -77,7 +78,7 @@ def main(out: Path) -> None:
     ema_state = ema.state_dict()
     for name, p in model.named_parameters():
         for kind, tensor in (("model", p.detach()), ("ema", ema_state[name])):
-            if ".routed_experts." in name:  # EP rank order = global expert order
+            if routed_expert_layer(name):  # EP rank order = global expert order
                 parts = [torch.empty_like(tensor) for _ in range(t.ep_size)]
                 dist.all_gather(parts, tensor.contiguous(), group=ep_group)
                 tensor = torch.cat(parts)

@@ -14,6 +14,7 @@ from promoe_ds.config import ConfigError, load_config
 from promoe_ds.diffusion import build_objective
 from promoe_ds.export import load_into
 from promoe_ds.models.dit import build_model
+from promoe_ds.models.moe import routed_expert_layer
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +112,7 @@ def test_load_into_an_expert_parallel_slice_and_shape_mismatch(live, tmp_path):
     load_into(part, f)
     full = ref["live"]["model"]
     for name, p in part.named_parameters():
-        want = full[name][2:4] if ".routed_experts." in name else full[name]
+        want = full[name][2:4] if routed_expert_layer(name) else full[name]
         assert torch.equal(p, want), name
     other = load_config(TINY, ["model.hidden_size=32"]).model
     with pytest.raises(ConfigError, match="hidden_size: 64 in the file, 32 here"):

@@ -16,6 +16,7 @@ from promoe_ds.config import ConfigError, MoEConfig, load_config
 from promoe_ds.ds_config import build_ds_config
 from promoe_ds.diffusion import build_objective
 from promoe_ds.models.dit import build_model
+from promoe_ds.models.moe import routed_expert_layer
 from promoe_ds.train import step_draws
 
 pytestmark = pytest.mark.slow
@@ -102,7 +103,7 @@ def test_ep2_zero0_zero1_zero2_match_single_process(tmp_path):
     d0 = torch.load(tag2 / "promoe/rank00000.pt", weights_only=False)["param_digest"]
     d1 = torch.load(tag2 / "promoe/rank00001.pt", weights_only=False)["param_digest"]
     for name in d0:
-        if ".routed_experts." in name:
+        if routed_expert_layer(name):
             assert d0[name] != d1[name], name
         else:
             assert d0[name] == d1[name], name
@@ -179,14 +180,14 @@ def _init_deepspeed_worker(rank, world, port):
 
 def _grad_norm_worker(rank, world, port, q):
     _init_deepspeed_worker(rank, world, port)  # before promoe_ds imports DeepSpeed's modules
-    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, global_grad_norm, is_expert_param_name
+    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, global_grad_norm
 
     ep_rank = create_groups(2)
     model = build_model(load_config(TINY, ["model.depth=2"]).model, ep_size=2, ep_rank=ep_rank)
     apply_expert_parallel(model, 2)
     squares = {"dense": 0.0, "expert": 0.0}
     for i, (name, p) in enumerate(model.named_parameters()):
-        expert = is_expert_param_name(name)  # a replica's gradients equal, an EP rank's experts its own
+        expert = bool(routed_expert_layer(name))  # a replica's gradients equal, an EP rank's experts its own
         p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i + 1000 * ep_rank * expert))
         squares["expert" if expert else "dense"] += p.grad.double().square().sum().item()
     q.put((rank, ep_rank, global_grad_norm(list(model.parameters()), 2).item(), squares))

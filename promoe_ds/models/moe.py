@@ -33,6 +33,13 @@ from promoe_ds.config import ExpertSpec, MoEConfig
 from promoe_ds.models.experts import ExpertGroup, run_experts
 
 
+def routed_expert_layer(name: str) -> str:
+    """For the name of a routed-expert parameter (``<layer>.routed_experts.w1``: the tensors split over
+    expert-parallel ranks), its MoE layer's module name; "" for any other parameter."""
+    layer, sep, _ = name.rpartition(".routed_experts.")
+    return layer if sep else ""
+
+
 def _atleast_f32(t: torch.Tensor) -> torch.Tensor:
     """Routing math in float32 (or float64 when the model is float64), never in bf16."""
     return t.to(torch.promote_types(t.dtype, torch.float32))

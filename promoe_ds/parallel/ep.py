@@ -189,7 +189,3 @@ def global_grad_norm(params: list[nn.Parameter], ep_size: int) -> torch.Tensor:
     if ep_size > 1:
         dist.all_reduce(expert, group=groups._get_expert_parallel_group(group_name(ep_size)))
     return (dense + expert).sqrt()
-
-
-def is_expert_param_name(name: str) -> bool:
-    return ".routed_experts." in name
