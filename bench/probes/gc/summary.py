@@ -9,9 +9,11 @@ import json
 import sys
 from pathlib import Path
 
+from promoe_ds.scaling import read_metrics
+
 
 def main(probe_dir: str, metrics_path: str) -> None:
-    logged = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    logged = read_metrics(Path(metrics_path).parent)
     t0, t1 = logged[1]["time"], logged[-1]["time"]
     trainer = [json.loads(f.read_text()) for f in Path(probe_dir).glob("gc_*.json")]
     events = next(d["events"] for d in trainer if "train" in d["argv"])

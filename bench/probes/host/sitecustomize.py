@@ -14,22 +14,23 @@ import time
 _events = []
 
 
-def _wrap(owner, attr, name, result=None):
-    inner, depth = getattr(owner, attr), [0]
+def _timed(fn, name, only=lambda *args: True):
+    """``fn`` with its outermost calls (to_device recurses) timed, where ``only(*args)`` holds."""
+    depth = [0]
 
-    @functools.wraps(inner)
-    def timed(*args, **kwargs):  # outermost calls only (to_device recurses)
+    @functools.wraps(fn)
+    def timed(*args, **kwargs):
+        if depth[0] or not only(*args):
+            return fn(*args, **kwargs)
         t = time.perf_counter()
         depth[0] += 1
         try:
-            out = inner(*args, **kwargs)
+            return fn(*args, **kwargs)
         finally:
             depth[0] -= 1
-            if not depth[0]:
-                _events.append((name, time.time(), (time.perf_counter() - t) * 1e3))
-        return result(out) if result else out
+            _events.append((name, time.time(), (time.perf_counter() - t) * 1e3))
 
-    setattr(owner, attr, timed)
+    return timed
 
 
 def _install():
@@ -43,28 +44,9 @@ def _install():
     import promoe_ds.parallel.ep as ep
     import promoe_ds.train as train
 
-    item = torch.Tensor.item
-
-    def timed_item(self):
-        if not self.is_cuda:
-            return item(self)
-        t = time.perf_counter()
-        out = item(self)
-        _events.append(("item", time.time(), (time.perf_counter() - t) * 1e3))
-        return out
-
-    torch.Tensor.item = timed_item
-
-    def timed_model(model):  # the compiled model: time each call of it
-        class Timed:
-            def __call__(self, *args, **kwargs):
-                t = time.perf_counter()
-                out = model(*args, **kwargs)
-                _events.append(("compiled_forward", time.time(), (time.perf_counter() - t) * 1e3))
-                return out
-        return Timed()
-
-    _wrap(train, "compile_model", "compile_model", result=timed_model)
+    torch.Tensor.item = _timed(torch.Tensor.item, "item", only=lambda t: t.is_cuda)
+    compile_model = train.compile_model  # the trainer calls only the compiled model: time each call
+    train.compile_model = lambda model: _timed(compile_model(model), "compiled_forward")
     for owner, attr in [(train, "step_draws"), (train, "to_device"), (train, "clip_in_adamw"),
                         (train.StopFlag, "agreed"), (ep, "global_grad_norm"), (ema.EMA, "update"),
                         (metrics.MetricsLogger, "add"), (metrics.MetricsLogger, "step"),
@@ -72,7 +54,7 @@ def _install():
                         (flow.RectifiedFlow, "training_losses"), (ddpm.GaussianDiffusion, "training_losses"),
                         (engine.DeepSpeedEngine, "backward"), (engine.DeepSpeedEngine, "step"),
                         (engine.DeepSpeedEngine, "forward")]:
-        _wrap(owner, attr, f"{owner.__name__.rsplit('.', 1)[-1]}.{attr}")
+        setattr(owner, attr, _timed(getattr(owner, attr), f"{owner.__name__.rsplit('.', 1)[-1]}.{attr}"))
 
 
 if "promoe_ds.cli" in sys.orig_argv and "train" in sys.orig_argv:

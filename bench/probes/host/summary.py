@@ -12,9 +12,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from promoe_ds.scaling import read_metrics
+
 
 def main(probe_dir: str, metrics_path: str) -> None:
-    logged = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    logged = read_metrics(Path(metrics_path).parent)
     t0, t1 = logged[1]["time"], logged[-1]["time"]
     steps = logged[-1]["step"] - logged[1]["step"]
     runs = [json.loads(f.read_text()) for f in Path(probe_dir).glob("host_*.json")]
