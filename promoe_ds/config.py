@@ -143,6 +143,7 @@ class TrainConfig:
     init_from: str = ""             # exported .safetensors to start (fine-tune) from
     max_bad_steps: int = 10         # abort after this many non-finite losses in a row
     compile: bool = False
+    cuda_graphs: bool = False       # with compile: replay the compiled forward/backward as CUDA graphs (ep_size 1)
     grad_checkpoint: bool = False
     profile_at: int = 0             # profile steps profile_at .. +profile_steps-1 into <out_dir>/profile (0 = off)
     profile_steps: int = 3
@@ -285,6 +286,11 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+    if cfg.train.cuda_graphs and not cfg.train.compile:
+        raise ConfigError("train.cuda_graphs: needs train.compile=true (the graphs are inductor's)")
+    if cfg.train.cuda_graphs and cfg.train.ep_size > 1:
+        raise ConfigError("train.cuda_graphs: needs train.ep_size=1 (expert parallelism's token exchanges have "
+                          "sizes known only at run time, which a CUDA graph cannot replay)")
     if cfg.data.source == "wds" and not cfg.data.path:
         raise ConfigError("data.path: required when data.source=wds (directory with manifest.json)")
     return cfg

@@ -1,7 +1,8 @@
 """Training metrics: a progress line on rank 0, ``metrics.jsonl`` in the run directory, and wandb.
 
 Scalars are averaged over the ranks and the steps since the last log; the expert load (fraction of
-assignments each routed expert received, per MoE layer) is summed over all ranks.
+assignments each routed expert received, per MoE layer) is summed over all ranks. On GPUs,
+``mem_peak_gib`` is the peak of allocated memory since the last log on the rank that used the most.
 """
 from __future__ import annotations
 
@@ -77,6 +78,12 @@ class MetricsLogger:
                 load = load.to(dev)
                 dist.all_reduce(load)
                 load = load.cpu()
+        if self.device.type == "cuda":  # peak memory of the window, the largest over the ranks (an OOM's margin)
+            peak = torch.tensor([torch.cuda.max_memory_allocated(self.device) / 2**30], device=self.device)
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            extra = {**extra, "mem_peak_gib": peak.item()}
+            torch.cuda.reset_peak_memory_stats(self.device)
         elapsed = time.time() - self.t0
         ips = self.global_batch * self.steps / max(elapsed, 1e-9)
         rec = {"step": step, **dict(zip(keys, vec.tolist())), **extra, "img_per_sec": ips,
@@ -92,8 +99,9 @@ class MetricsLogger:
         if self.rank == 0:
             parts = " | ".join(f"{k} {rec[k]:.4f}" for k in keys)
             mfu = f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else ""
+            mem = f" | mem {rec['mem_peak_gib']:.1f} GiB" if "mem_peak_gib" in rec else ""
             print(f"step {step:>7d} | {parts} | grad_norm {rec.get('grad_norm', float('nan')):.3f} | "
-                  f"lr {rec.get('lr', 0):.2e} | {ips:.1f} img/s{mfu}", flush=True)
+                  f"lr {rec.get('lr', 0):.2e} | {ips:.1f} img/s{mfu}{mem}", flush=True)
             self.jsonl.write(json.dumps(rec) + "\n")
             self.jsonl.flush()
             if self.wandb is not None:

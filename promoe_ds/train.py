@@ -33,9 +33,11 @@ from promoe_ds.profiling import StepProfiler, phase
 PREEMPTED_EXIT = 99
 
 
-def preflight(cfg: Config, world_size: int) -> None:
+def preflight(cfg: Config, world_size: int, device: torch.device) -> None:
     """Layout and input mistakes, before any weight is built."""
     t, moe = cfg.train, cfg.model.moe
+    if t.cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"train.cuda_graphs: needs CUDA GPUs (this run is on {device.type})")
     if cfg.data.source == "wds" and not (Path(cfg.data.path) / "manifest.json").is_file():
         raise ConfigError(f"data.path: no manifest.json in {cfg.data.path!r} (make shards with python -m data_prep.encode)")
     if world_size % t.ep_size:
@@ -136,7 +138,7 @@ def train(cfg: Config) -> int:
 
     t, rank, world, device = cfg.train, info.rank, info.world_size, info.device
     on_gpu = device.type == "cuda"
-    preflight(cfg, world)
+    preflight(cfg, world, device)
     ds_cfg = build_ds_config(t, world, on_gpu)
     micro, gas = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
     bf16 = ds_cfg["torch_autocast"]["enabled"]
@@ -188,7 +190,7 @@ def train(cfg: Config) -> int:
 
     forward = engine
     if t.compile:
-        forward = compile_model(engine.module)
+        forward = compile_model(engine.module, cuda_graphs=t.cuda_graphs)
     counts = count_params(m)
     logger = MetricsLogger(out_dir, rank, device, t.global_batch, world,
                            train_flops_per_image(m, counts["activated_params"]), cfg.wandb, to_dict(cfg))

@@ -218,6 +218,10 @@ def test_config_errors(tmp_path):
         load_config(overrides=["train.lr=fast"])
     with pytest.raises(ConfigError, match="train.profile_at: must be >= 0"):
         load_config(overrides=["train.profile_at=-2"])
+    with pytest.raises(ConfigError, match="train.cuda_graphs: needs train.compile=true"):
+        load_config(overrides=["train.cuda_graphs=true"])
+    with pytest.raises(ConfigError, match="train.cuda_graphs: needs train.ep_size=1"):
+        load_config(overrides=["train.cuda_graphs=true", "train.compile=true", "train.ep_size=2"])
     with pytest.raises(ConfigError, match="train.profile_steps: must be > 0"):
         load_config(overrides=["train.profile_steps=0"])
     f = tmp_path / "c.yaml"

@@ -97,11 +97,13 @@ def test_example_configs_lay_out(name, worlds):
     from promoe_ds.ds_config import build_ds_config
     from promoe_ds.train import preflight
 
+    import torch
+
     per_gpu = {"promoe_xl_1node.yaml": 32, "promoe_h_multinode.yaml": 16}[name]
     for world in worlds:
         cfg = load_config(str(SLURM_DIR / "configs" / name),
                           ["data.source=synthetic", f"train.global_batch={per_gpu * world}"])
-        preflight(cfg, world)
+        preflight(cfg, world, torch.device("cuda"))
         ds = build_ds_config(cfg.train, world, on_gpu=True)
         assert ds["train_micro_batch_size_per_gpu"] == per_gpu and ds["gradient_accumulation_steps"] == 1
         assert ds["zero_optimization"]["stage"] == 2 and ds["torch_autocast"]["enabled"]  # bf16 autocast

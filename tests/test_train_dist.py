@@ -327,6 +327,7 @@ def test_deepspeed_throughput_timer_is_off_unless_the_base_json_asks(tmp_path):
     ("data.source=wds data.path=/nonexistent", "data.path"),
     ("train.ds_config=ds_configs/bad_test.json", "unknown ds_config key"),
     ("train.zero_stage=1 train.offload_optimizer=true", "train.offload_optimizer: needs train.zero_stage=2"),
+    ("train.compile=true train.cuda_graphs=true", "train.cuda_graphs: needs CUDA GPUs"),
 ])
 def test_bad_configs_fail_before_training(tmp_path, override, needle):
     bad = REPO / "ds_configs" / "bad_test.json"

@@ -231,13 +231,17 @@ def build_model(cfg: ModelConfig, *, seed: int = 0, ep_size: int = 1, ep_rank: i
     return DiT(cfg, seed=seed, ep_size=ep_size, ep_rank=ep_rank)
 
 
-def compile_model(model: nn.Module):
+def compile_model(model: nn.Module, cuda_graphs: bool = False):
     """torch.compile for training. With the ``grouped`` experts the whole forward (MoE layers included)
     is one graph on one GPU. Inductor's mix-order reduction (on by default since torch 2.10) is turned
     off: it returns [D] gradients for [1, D] parameters (pytorch#178080: seen here on the H100 for the
-    1-expert unconditional group's bias) and can silently corrupt adaLN-style gradients (pytorch#193061)."""
+    1-expert unconditional group's bias) and can silently corrupt adaLN-style gradients (pytorch#193061).
+    ``cuda_graphs``: inductor records the compiled forward and backward as CUDA graphs and replays them,
+    one launch each instead of one per kernel (CUDA only; static shapes, i.e. no expert parallelism)."""
     options = ({"triton.mix_order_reduction": False}
                if "triton.mix_order_reduction" in torch._inductor.list_options() else {})
+    if cuda_graphs:
+        options["triton.cudagraphs"] = True
     return torch.compile(model, options=options)
 
 
