@@ -2,7 +2,8 @@
 
 Scalars are averaged over the ranks and the steps since the last log; the expert load (fraction of
 assignments each routed expert received, per MoE layer) is summed over all ranks. On GPUs,
-``mem_peak_gib`` is the peak of allocated memory since the last log on the rank that used the most.
+``mem_peak_gib`` is the peak of the memory torch's allocator reserved on the device since the last log,
+on the rank that reserved the most.
 """
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ class MetricsLogger:
                 dist.all_reduce(load)
                 load = load.cpu()
         if self.device.type == "cuda":  # peak memory of the window, the largest over the ranks (an OOM's margin)
-            peak = torch.tensor([torch.cuda.max_memory_allocated(self.device) / 2**30], device=self.device)
+            # reserved, not allocated: a CUDA graph's replay uses its private pool without allocating
+            peak = torch.tensor([torch.cuda.max_memory_reserved(self.device) / 2**30], device=self.device)
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
             extra = {**extra, "mem_peak_gib": peak.item()}
