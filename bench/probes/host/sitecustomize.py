@@ -46,7 +46,7 @@ def _install():
 
     torch.Tensor.item = _timed(torch.Tensor.item, "item", only=lambda t: t.is_cuda)
     compile_model = train.compile_model  # the trainer calls only the compiled model: time each call
-    train.compile_model = lambda model: _timed(compile_model(model), "compiled_forward")
+    train.compile_model = lambda model, **kw: _timed(compile_model(model, **kw), "compiled_forward")
     for owner, attr in [(train, "step_draws"), (train, "to_device"), (train, "clip_in_adamw"),
                         (train.StopFlag, "agreed"), (ep, "global_grad_norm"), (ema.EMA, "update"),
                         (metrics.MetricsLogger, "add"), (metrics.MetricsLogger, "step"),
