@@ -93,11 +93,11 @@ def test_scaling_sh_dry_run(tmp_path):
 def test_example_configs_lay_out(name, worlds):
     """The documented layouts pass the trainer's preflight: ep_size divides the GPUs and the routed
     experts, the per-GPU batch divides out (PER_GPU_BATCH x GPUs), ZeRO-2, bf16 on GPU."""
+    import torch
+
     from promoe_ds.config import load_config
     from promoe_ds.ds_config import build_ds_config
     from promoe_ds.train import preflight
-
-    import torch
 
     per_gpu = {"promoe_xl_1node.yaml": 32, "promoe_h_multinode.yaml": 16}[name]
     for world in worlds:
