@@ -134,7 +134,7 @@ def train(cfg: Config) -> int:
     stop = StopFlag()  # first: a preemption signal during start-up must not kill the process
     info = init_distributed()
     import deepspeed
-    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, global_grad_norm
+    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, global_grad_norm, replica_group
 
     t, rank, world, device = cfg.train, info.rank, info.world_size, info.device
     on_gpu = device.type == "cuda"
@@ -175,7 +175,7 @@ def train(cfg: Config) -> int:
         # one rank: DeepSpeed's reduction would only flatten the gradients, scale them by 1 and copy them back
         # (measured: 3.5% of the step); DeepSpeed itself turns it off only when there is no process group
         engine.enable_backward_allreduce = False
-    ema = EMA(model, t.ema_decay)
+    ema = EMA(model, t.ema_decay, replicas=replica_group)  # sharded over the ranks holding the same weights
     objective = build_objective(cfg.objective)
     expert_writer = (rank // t.ep_size) == 0  # first expert-data-parallel replica of each EP rank
 

@@ -25,14 +25,18 @@ COMMON = ["train.global_batch=8", "train.log_every=1", "train.seed=3", "objectiv
 
 
 def load_full(tag_dir):
-    """Every parameter of the model from a checkpoint: dense file + the experts of every EP rank."""
+    """Every parameter of the model and its EMA (``name:ema``) from a checkpoint: dense file + the experts of
+    every EP rank."""
     own = tag_dir / "promoe"
-    state = {n: e["model"] for n, e in torch.load(own / "dense.pt").items()}
+    state = {}
+    for n, e in torch.load(own / "dense.pt").items():
+        state[n], state[f"{n}:ema"] = e["model"], e["ema"]
     shards = sorted(own.glob("experts_ep*.pt"))
     parts = {}
     for f in shards:
         for n, e in torch.load(f)["params"].items():
             parts.setdefault(n, []).append(e["model"])
+            parts.setdefault(f"{n}:ema", []).append(e["ema"])
     state.update({n: torch.cat(v) for n, v in parts.items()})
     return state, len(shards)
 
@@ -203,6 +207,46 @@ def test_global_grad_norm_counts_every_gradient_once():
     want = (dense.pop() + sum(experts.values())) ** 0.5
     for rank, _, norm, _ in results:
         assert norm == pytest.approx(want, rel=1e-6), rank
+
+
+def _ema_worker(rank, world, port, q):
+    _init_deepspeed_worker(rank, world, port)  # before promoe_ds imports DeepSpeed's modules
+    from promoe_ds.ema import EMA
+    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, replica_group
+
+    ep_rank = create_groups(2)
+    model = build_model(load_config(TINY, ["model.depth=2"]).model, ep_size=2, ep_rank=ep_rank)
+    apply_expert_parallel(model, 2)
+    ema = EMA(model, 0.9, replicas=replica_group)
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}  # the plain EMA, every tensor here
+    for step in range(3):  # weights move alike on the ranks that hold the same copy
+        with torch.no_grad():
+            for i, (n, p) in enumerate(model.named_parameters()):
+                seed = 1 + step * 10_000 + i + 1_000_000 * ep_rank * bool(routed_expert_layer(n))
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+                ref[n].lerp_(p.detach(), 0.1)
+        ema.update()
+    full = ema.state_dict()
+    worst = max(float((full[n] - ref[n]).abs().max() / ref[n].abs().max()) for n in ref)
+    fresh = EMA(model, 0.9, replicas=replica_group)  # starts from the current weights, then loads the EMA
+    fresh.load_state_dict(full)
+    round_trip = all(torch.equal(t, full[n]) for n, t in fresh.state_dict().items())
+    sizes = {kind: sum(p.numel() for n, p in model.named_parameters() if bool(routed_expert_layer(n)) == kind)
+             for kind in (False, True)}
+    q.put((rank, ep_rank, worst, round_trip, sum(s.numel() for s in ema.shadow.values()), sizes))
+
+
+def test_ema_is_sharded_over_replicas_and_gathers_to_the_plain_ema():
+    """4 ranks, ep_size 2: the EMA of the dense weights is split over the 4 ranks, each EP rank's experts'
+    over its 2 replicas (every tensor kept once per group); the gathered state equals a plain EMA of every
+    tensor, and loads back."""
+    results = spawn_workers(_ema_worker, 4, timeout=180)
+    dense, routed = results[0][5][False], results[0][5][True]
+    held = [r[4] for r in results]
+    assert sum(held) == dense + 2 * routed  # dense once over all ranks, each EP rank's experts once
+    assert max(held) < 0.6 * (dense + routed)  # the unsharded EMA kept dense + routed on every rank
+    for rank, _, worst, round_trip, _, _ in results:
+        assert worst < 1e-6 and round_trip, rank
 
 
 def _compiled_ep_worker(rank, world, port, q):

@@ -171,6 +171,14 @@ def apply_expert_parallel(model: DiT, ep_size: int) -> None:
         model.ds_expert_marker = ExpertParamsMarker(layers[0].spec.routed, ep_size)
 
 
+def replica_group(p: nn.Parameter):
+    """The ranks that hold the same copy of ``p``: for a routed expert's parameter (marked by
+    apply_expert_parallel) its expert-data-parallel group, for any other every rank."""
+    if not getattr(p, "allreduce", True):
+        return groups._get_expert_data_parallel_group(p.group_name)
+    return dist.group.WORLD
+
+
 def global_grad_norm(params: list[nn.Parameter], ep_size: int) -> torch.Tensor:
     """L2 norm of the whole model's gradient over all ranks, a float32 0-d tensor equal on every rank, read
     after DeepSpeed's gradient reduction: replicated gradients are then the same on every rank and count
