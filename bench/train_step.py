@@ -135,7 +135,8 @@ def bench(name: str, batch: int, steps: int, warmup: int) -> dict:
     return res
 
 
-SCALING_COLUMNS = ["gpus", "ep_size", "global_batch", "img_per_sec", "img_per_sec_per_gpu", "efficiency", "mfu"]
+SCALING_COLUMNS = ["gpus", "ep_size", "global_batch", "img_per_sec", "img_per_sec_per_gpu", "efficiency", "mfu",
+                   "mem_peak_gib"]
 
 
 def launch(n: int, args) -> dict:

@@ -7,7 +7,8 @@ first collectives), and averages the rest. A run directory that was preempted an
 several starts; a new start is recognised by a step that does not increase or by a wall-clock gap
 much longer than the logged interval itself, and each start's warm-up is dropped.
 
-Weak-scaling efficiency = per-GPU img/s / per-GPU img/s of the run with the fewest GPUs.
+Weak-scaling efficiency = per-GPU img/s / per-GPU img/s of the run with the fewest GPUs. Peak GiB: the
+largest ``mem_peak_gib`` of the run, warm-up included (memory reserved on the fullest GPU; GPU runs only).
 The node count comes from ``slurm_job.json`` (written by ``slurm/train.sbatch``) when present, else
 from a ``nodes`` field of the metrics, else 1.
 
@@ -23,12 +24,12 @@ from pathlib import Path
 from promoe_ds.config import ConfigError
 
 COLUMNS = ["run", "nodes", "gpus", "global_batch", "per_gpu_batch", "img_per_sec", "img_per_sec_per_gpu",
-           "speedup", "efficiency", "intervals", "steps"]
+           "speedup", "efficiency", "intervals", "steps", "mem_peak_gib"]
 CSV_COLUMNS = COLUMNS + ["wallclock_img_per_sec", "path"]
 HEADERS = {"run": "run", "nodes": "nodes", "gpus": "GPUs", "global_batch": "global batch",
            "per_gpu_batch": "per-GPU batch", "img_per_sec": "img/s", "img_per_sec_per_gpu": "per-GPU img/s",
            "speedup": "speedup", "efficiency": "efficiency", "intervals": "intervals", "steps": "steps",
-           "ep_size": "ep_size", "mfu": "MFU"}
+           "ep_size": "ep_size", "mfu": "MFU", "mem_peak_gib": "peak GiB"}
 
 
 class ScalingError(ConfigError):
@@ -94,11 +95,12 @@ def summarize(run_dir: str | Path, skip: int = 1) -> dict:
     wall = _wallclock_rate(records, skip)
     ips_gpu = sum(r.get("img_per_sec_per_gpu", r["img_per_sec"] / world) for r in kept) / len(kept)
     mfu = [r["mfu"] for r in kept if "mfu" in r]  # logged on GPUs of known peak only
+    mem = [r["mem_peak_gib"] for r in records if "mem_peak_gib" in r]  # GPUs only; warm-up included
     nodes = _nodes(run_dir, records)
     return {"run": run_dir.name if run_dir.name else str(run_dir), "path": str(run_dir), "nodes": nodes,
             "gpus": world, "global_batch": batch, "per_gpu_batch": batch / world if world else float("nan"),
             "img_per_sec": ips, "img_per_sec_per_gpu": ips_gpu, "wallclock_img_per_sec": wall,
-            "mfu": sum(mfu) / len(mfu) if mfu else None,
+            "mfu": sum(mfu) / len(mfu) if mfu else None, "mem_peak_gib": max(mem) if mem else None,
             "intervals": len(kept),
             "steps": f"{kept[0]['step']}-{kept[-1]['step']}" if len(kept) > 1 else str(kept[0]["step"]),
             "warmup_only": warmup_only}

@@ -159,6 +159,10 @@ def test_restart_segments_skip_each_warmup(tmp_path):
     s = summarize(d, skip=1)
     assert s["img_per_sec"] == pytest.approx((500 + 500 + 520 + 520 + 510) / 5)
     assert s["nodes"] == 2 and s["gpus"] == 16 and s["intervals"] == 5
+    assert s["mem_peak_gib"] is None  # no GPU memory logged (CPU runs)
+    for r, gib in zip(recs, (61.5, 40, 40, 70.25, 40, 40, 39, 40)):  # GPU runs: the peak, warm-up included
+        r["mem_peak_gib"] = gib
+    assert summarize(_write(tmp_path / "gpu", recs), skip=1)["mem_peak_gib"] == 70.25
 
 
 def test_efficiency_and_warmup_only(tmp_path, capsys):
