@@ -3,7 +3,7 @@
 Float32, sharded the way ZeRO shards optimizer state: the ranks that hold the same copy of a weight (every
 rank for the dense weights; for a routed expert, the expert-data-parallel ranks of the expert-parallel rank
 that owns it) split its EMA between them, whole tensors, each to the least-loaded rank. A rank updates its
-share from its own copy of the weights: no communication per step, and per rank 1/N of the EMA's memory and
+share from its own copy of the weights: no communication per step, and per rank about 1/N of the EMA's memory and
 memory traffic (N: that group's size). ``state_dict`` gathers the full EMA (checkpoints).
 """
 from __future__ import annotations
