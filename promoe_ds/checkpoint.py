@@ -45,10 +45,13 @@ def _atomic_write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def split_state(model: torch.nn.Module, ema_state: dict) -> tuple[dict, dict]:
-    """(dense, routed) dicts of {name: {"model": fp32 tensor, "ema": fp32 tensor}}."""
+def split_state(model: torch.nn.Module, ema_state: dict, keep=lambda name: True) -> tuple[dict, dict]:
+    """(dense, routed) dicts of {name: {"model": fp32 tensor, "ema": fp32 tensor}} of the parameters ``keep``
+    selects."""
     dense, routed = {}, {}
     for name, p in model.named_parameters():
+        if not keep(name):
+            continue
         entry = {"model": p.detach().float().cpu().clone(), "ema": ema_state[name].cpu().clone()}
         (routed if routed_expert_layer(name) else dense)[name] = entry
     return dense, routed
@@ -73,7 +76,12 @@ def save(engine, model, ema, ckpt_dir: Path, step: int, meta: dict, rank_state: 
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
     own = tag_dir / "promoe"
     own.mkdir(parents=True, exist_ok=True)
-    dense, routed = split_state(model, ema.state_dict())
+
+    def writes(name: str) -> bool:
+        """CPU copies on the writers only: rank 0 the dense weights, an expert writer its EP rank's experts."""
+        return expert_writer if routed_expert_layer(name) else rank == 0
+
+    dense, routed = split_state(model, ema.state_dict(keep=writes), keep=writes)
     if rank == 0:
         _atomic_save(dense, own / "dense.pt")
     if expert_writer and routed:

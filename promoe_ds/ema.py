@@ -51,9 +51,10 @@ class EMA:
                                  1.0 - self.decay)
 
     @torch.no_grad()
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The full EMA, {name: float32 CPU tensor}: each tensor broadcast from its owner to its group, one at a
-        time (the device holds one more tensor at most). Every rank must call it."""
+    def state_dict(self, keep: Callable[[str], bool] = lambda name: True) -> dict[str, torch.Tensor]:
+        """The full EMA, {name: float32 CPU tensor}, or the names ``keep`` selects on this rank (a checkpoint
+        writer's part): each tensor broadcast from its owner to its group, one at a time (the device holds one
+        more tensor at most). Every rank must call it."""
         out = {}
         for i, (name, p) in enumerate(zip(self.names, self.params)):
             t = self.shadow.get(i)
@@ -61,7 +62,8 @@ class EMA:
                 t = torch.empty(p.shape, dtype=torch.float32, device=p.device)
             if self.groups[i] is not None and dist.get_world_size(self.groups[i]) > 1:
                 dist.broadcast(t, src=self.owner[i], group=self.groups[i])
-            out[name] = t.cpu()
+            if keep(name):
+                out[name] = t.cpu()
         return out
 
     @torch.no_grad()
