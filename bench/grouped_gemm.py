@@ -33,7 +33,7 @@ def token_counts(tokens: int, routed: int, seed: int = 0) -> torch.Tensor:
     return torch.cat([torch.bincount(counts, minlength=routed), torch.tensor([uncond])])
 
 
-def make_fn(variant: str, counts: torch.Tensor):
+def make_fn(variant: str):
     if variant == "dense":
         def fn(x, w1, b1, w2, b2):
             return F.linear(F.gelu(F.linear(x, w1[0], b1[0]), approximate="tanh"), w2[0], b2[0])
@@ -52,7 +52,7 @@ def run(variant: str, counts: torch.Tensor, dim: int, hidden: int, iters: int, t
     params = [torch.randn(s, device=dev, generator=g).mul_(0.02).requires_grad_()
               for s in ((e, hidden, dim), (e, hidden), (e, dim, hidden), (e, dim))]
     x = torch.randn(n, dim, device=dev, generator=g).requires_grad_()
-    fn = make_fn(variant, counts)
+    fn = make_fn(variant)
     args = (x,) if variant == "dense" else (x, counts.to(dev))
 
     def step():

@@ -46,13 +46,13 @@ def _atomic_write_text(text: str, path: Path) -> None:
 
 
 def split_state(model: torch.nn.Module, ema_state: dict, keep=lambda name: True) -> tuple[dict, dict]:
-    """(dense, routed) dicts of {name: {"model": fp32 tensor, "ema": fp32 tensor}} of the parameters ``keep``
-    selects."""
+    """(dense, routed) dicts of {name: {"model": fp32 CPU copy, "ema": ema_state[name]}} of the parameters
+    ``keep`` selects (``ema_state``: CPU copies, from ``EMA.state_dict``)."""
     dense, routed = {}, {}
     for name, p in model.named_parameters():
         if not keep(name):
             continue
-        entry = {"model": p.detach().float().cpu().clone(), "ema": ema_state[name].cpu().clone()}
+        entry = {"model": p.detach().to("cpu", torch.float32, copy=True), "ema": ema_state[name]}
         (routed if routed_expert_layer(name) else dense)[name] = entry
     return dense, routed
 

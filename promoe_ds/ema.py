@@ -15,10 +15,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 
-def _owners(params: list[nn.Parameter], groups: list) -> list[int]:
-    """Global rank that keeps each parameter's EMA: per group, largest tensors first, each to the group rank
-    with the fewest elements so far (the same answer on every rank of the group: same shapes, same order)."""
-    me = dist.get_rank() if dist.is_initialized() else 0
+def _owners(params: list[nn.Parameter], groups: list, me: int) -> list[int]:
+    """Global rank that keeps each parameter's EMA (``me`` where the group is None): per group, largest tensors
+    first, each to the group rank with the fewest elements so far (the same answer on every rank of the group:
+    same shapes, same order)."""
     owner = [me] * len(params)
     for group in {g for g in groups if g is not None}:
         idx = [i for i, g in enumerate(groups) if g is group]
@@ -39,8 +39,8 @@ class EMA:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.groups = [replicas(p) if replicas else None for p in self.params]
-        self.owner = _owners(self.params, self.groups)
         me = dist.get_rank() if dist.is_initialized() else 0
+        self.owner = _owners(self.params, self.groups, me)
         self.shadow = {i: p.detach().float().clone() for i, p in enumerate(self.params) if self.owner[i] == me}
 
     @torch.no_grad()
@@ -52,7 +52,7 @@ class EMA:
 
     @torch.no_grad()
     def state_dict(self, keep: Callable[[str], bool] = lambda name: True) -> dict[str, torch.Tensor]:
-        """The full EMA, {name: float32 CPU tensor}, or the names ``keep`` selects on this rank (a checkpoint
+        """The full EMA, {name: float32 CPU copy}, or the names ``keep`` selects on this rank (a checkpoint
         writer's part): each tensor broadcast from its owner to its group, one at a time (the device holds one
         more tensor at most). Every rank must call it."""
         out = {}
@@ -63,7 +63,7 @@ class EMA:
             if self.groups[i] is not None and dist.get_world_size(self.groups[i]) > 1:
                 dist.broadcast(t, src=self.owner[i], group=self.groups[i])
             if keep(name):
-                out[name] = t.cpu()
+                out[name] = t.to("cpu", copy=True)  # a snapshot, also where the EMA itself lives on the CPU
         return out
 
     @torch.no_grad()

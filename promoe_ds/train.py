@@ -255,9 +255,10 @@ def train(cfg: Config) -> int:
             # The next micro-batch's host work runs here, while the GPU works through this backward: after the
             # optimizer's host sync below the GPU has only AdamW and the EMA queued, and would sit idle while the
             # host read and drew the next batch (measured: docs/speed.md, "The host's share of the step").
-            nxt = (step, mi + 1) if mi + 1 < gas else (step + 1, 0)
-            if mi + 1 == gas:
-                data_state = data.state_dict()
+            if mi + 1 < gas:
+                nxt = (step, mi + 1)
+            else:  # the step's last micro-batch: a checkpoint of this step resumes reading from here
+                nxt, data_state = (step + 1, 0), data.state_dict()
             batch = micro_batch(*nxt) if nxt[0] < t.steps else None
             with phase("optimizer"):
                 if zero_stage == 0 and mi == gas - 1:
