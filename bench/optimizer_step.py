@@ -1,6 +1,8 @@
 """Microbenchmark: the optimizer part of the train step over ProMoE-XL's (or DiT-XL's) real parameter
 shapes, fp32 on one GPU. Compares gradient clipping as its own pass (clip_grad_norm_) against clipping
-inside torch's fused AdamW (``grad_scale``), with and without the non-finite skip (``found_inf``).
+inside torch's fused AdamW (``grad_scale``), with and without the non-finite skip (``found_inf``); and the
+trainer's AdamW + EMA (fused AdamW, then the EMA's own pass) against both in one compiled pass
+(``promoe_ds.optim.adamw_ema_``, ``train.fused_ema``).
 
     python bench/optimizer_step.py [--preset ProMoE-XL] [--iters 20]
 """
@@ -12,6 +14,7 @@ import torch
 
 from promoe_ds.config import load_config
 from promoe_ds.models.dit import DiT
+from promoe_ds.optim import adamw_ema_
 
 
 def main():
@@ -27,6 +30,10 @@ def main():
     grads = [torch.randn(s, device=dev) for s in shapes]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
     zero = torch.zeros((), device=dev)
+    emas = [p.detach().clone() for p in params]
+    moments = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    count, lr = torch.zeros((), device=dev), torch.full((), 1e-4, device=dev)
+    one_pass = torch.compile(adamw_ema_)
 
     def norm():
         return torch.stack(torch._foreach_norm(grads)).square().sum().sqrt()
@@ -41,21 +48,36 @@ def main():
         opt.found_inf = zero if skip else None
         opt.step()
 
+    def step_ema(fused: bool):
+        """The trainer's optimizer part: norm, AdamW(grad_scale), EMA; fused: the last two in one pass."""
+        scale = torch.clamp(norm() / 0.5, min=1.0)
+        if fused:
+            count.add_(1)
+            one_pass(params, grads, *moments, emas, count, lr, scale, beta1=0.9, beta2=0.999, eps=1e-8,
+                     weight_decay=0.0, ema_decay=0.9999)
+        else:
+            opt.grad_scale, opt.found_inf = scale, zero
+            opt.step()
+            torch._foreach_lerp_(emas, params, 1e-4)
+
     for p, g in zip(params, grads):
         p.grad = g
     n = sum(p.numel() for p in params)
     print(f"{args.preset}: {len(params)} tensors, {n / 1e6:.0f}M parameters")
-    variants = {"adamw only": (False, False, False), "clip pass + adamw": (True, False, False),
-                "adamw(grad_scale)": (False, True, False), "clip pass + adamw(found_inf)": (True, False, True),
-                "adamw(grad_scale, found_inf)": (False, True, True)}
-    for name, flags in list(variants.items()) * 2:
+    variants = {"adamw only": (step, False, False, False), "clip pass + adamw": (step, True, False, False),
+                "adamw(grad_scale)": (step, False, True, False),
+                "clip pass + adamw(found_inf)": (step, True, False, True),
+                "adamw(grad_scale, found_inf)": (step, False, True, True),
+                "norm, adamw(grad_scale), ema": (step_ema, False),
+                "norm, one pass adamw+ema": (step_ema, True)}
+    for name, (fn, *flags) in list(variants.items()) * 2:
         for _ in range(3):
-            step(*flags)
+            fn(*flags)
         torch.cuda.synchronize()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for _ in range(args.iters):
-            step(*flags)
+            fn(*flags)
         b.record()
         torch.cuda.synchronize()
         print(f"{name:32s} {a.elapsed_time(b) / args.iters:7.2f} ms")

@@ -2,8 +2,8 @@
 
 One GPU: dense DiT-XL vs ProMoE-XL per expert backend. One step = flow-matching forward (bf16
 autocast) + RCL, backward, grad clip 0.5 and fused AdamW (the clip inside AdamW, as the trainer's ZeRO-0
-step does: train.clip_in_adamw), EMA update, on 256px latents (4x32x32) with
-synthetic data. Every configuration runs in the same process on the same GPU, so the printed ratios
+step does: train.clip_in_adamw), EMA update (--fused-ema: AdamW and the EMA in one compiled pass, as
+train.fused_ema), on 256px latents (4x32x32) with synthetic data. Every configuration runs in the same process on the same GPU, so the printed ratios
 compare like with like. Prints img/s, step ms, peak GiB, MFU and the ratios to compiled dense and
 to the loop reference.
 
@@ -42,6 +42,7 @@ from promoe_ds.diffusion import build_objective
 from promoe_ds.ema import EMA
 from promoe_ds.metrics import peak_flops, train_flops_per_image
 from promoe_ds.models.dit import build_model, compile_model, count_params
+from promoe_ds.optim import AdamWEMA
 from promoe_ds.parallel.ep import global_grad_norm
 from promoe_ds.scaling import ScalingError, add_ratios, markdown_table, summarize
 from promoe_ds.train import clip_in_adamw
@@ -61,10 +62,10 @@ CONFIGS = {  # name: (preset, expert backend or None for dense, compiler)
 }
 
 
-def make_step(preset: str, backend: str | None, compiler: str | None, batch: int):
+def make_step(preset: str, backend: str | None, compiler: str | None, batch: int, fused_ema: bool = False):
     """(model cfg, step(i, mark=None)) for one full train step of ``preset`` on the GPU, rotating 4
     batches. ``mark(phase)``, when given, is called at the end of each phase: forward, backward,
-    clip, optimizer, ema (bench/profile_step.py times them)."""
+    clip, optimizer, ema (bench/profile_step.py times them; with ``fused_ema`` the optimizer phase has the EMA)."""
     cfg = load_config(overrides=[f"model.preset={preset}"])
     dev = torch.device("cuda")
     model = build_model(cfg.model, seed=0).to(dev).train()
@@ -72,9 +73,11 @@ def make_step(preset: str, backend: str | None, compiler: str | None, batch: int
         model.set_expert_backend(backend, dev)
     fwd = COMPILERS[compiler](model)
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
-    ok = torch.ones((), device=dev)
     ema = EMA(model, 0.9999)
+    hyper = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
+    opt = (AdamWEMA(params, ema.averages(), 0.9999, eps=1e-8, **hyper) if fused_ema else
+           torch.optim.AdamW(params, **hyper, fused=True))
+    ok = torch.ones((), device=dev)
     objective = build_objective(ObjectiveConfig())
     g = torch.Generator().manual_seed(0)
     shape = (4, 32, 32)
@@ -104,14 +107,15 @@ def make_step(preset: str, backend: str | None, compiler: str | None, batch: int
         opt.step()
         opt.zero_grad(set_to_none=True)
         mark("optimizer")
-        ema.update()
+        if not fused_ema:
+            ema.update()
         mark("ema")
 
     return cfg, step
 
 
-def bench(name: str, batch: int, steps: int, warmup: int) -> dict:
-    cfg, step = make_step(*CONFIGS[name], batch)
+def bench(name: str, batch: int, steps: int, warmup: int, fused_ema: bool) -> dict:
+    cfg, step = make_step(*CONFIGS[name], batch, fused_ema)
     dev = torch.device("cuda")
     for i in range(warmup):
         step(i)
@@ -188,6 +192,7 @@ def main():
     ap.add_argument("--configs", default="dense-compiled,grouped,grouped-compiled,megablocks,loop,dense")
     ap.add_argument("--steps", type=int, help="timed steps (default 15); with --gpus: training steps (30)")
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--fused-ema", action="store_true", help="one GPU: AdamW and the EMA in one pass (optim.AdamWEMA)")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--gpus", type=lambda s: [int(x) for x in s.split(",")],
                     help="weak scaling over these GPU counts, e.g. 1,2,4,8")
@@ -210,13 +215,14 @@ def main():
             Path(args.json).write_text(json.dumps(results, indent=1))
         return
     args.batch, args.steps = args.batch or [32, 64], args.steps or 15
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}"
+          f"{'  AdamW + EMA in one pass (--fused-ema)' if args.fused_ema else ''}", flush=True)
     results = []
     for b in args.batch:
         for name in args.configs.split(","):
             t = time.time()
             try:
-                r = bench(name, b, args.steps, args.warmup)
+                r = bench(name, b, args.steps, args.warmup, args.fused_ema)
             except Exception as e:  # a backend missing on this machine is reported, not fatal
                 r = {"config": name, "batch": b, "error": f"{type(e).__name__}: {str(e)[:200]}"}
             r["wall_s"] = round(time.time() - t, 1)

@@ -144,6 +144,7 @@ class TrainConfig:
     max_bad_steps: int = 10         # abort after this many non-finite losses in a row
     compile: bool = False
     cuda_graphs: bool = False       # with compile: replay the compiled forward/backward as CUDA graphs (ep_size 1)
+    fused_ema: bool = False         # ZeRO-0: AdamW and the EMA in one compiled pass over the weights (optim.py)
     grad_checkpoint: bool = False
     profile_at: int = 0             # profile steps profile_at .. +profile_steps-1 into <out_dir>/profile (0 = off)
     profile_steps: int = 3

@@ -32,6 +32,11 @@ def batch_layout(train: TrainConfig, world_size: int) -> tuple[int, int]:
     return micro, g // (micro * world_size)
 
 
+def adamw_params(train: TrainConfig) -> dict:
+    """AdamW's hyperparameters, for DeepSpeed's optimizer or the trainer's own (train.fused_ema)."""
+    return {"lr": train.lr, "betas": list(train.betas), "eps": 1e-8, "weight_decay": train.weight_decay}
+
+
 def base_config(train: TrainConfig) -> tuple[dict, str]:
     if train.ds_config:
         path = Path(train.ds_config)
@@ -94,12 +99,16 @@ def build_ds_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict:
         # "bf16" mode would cast the weights to bf16, and it switches off an outer autocast unless this is set
         "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
         "bf16": {"enabled": False},
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": train.lr, "betas": list(train.betas), "eps": 1e-8, "weight_decay": train.weight_decay,
+    })
+    if train.fused_ema and not zero0:
+        raise ConfigError(f"train.fused_ema: needs ZeRO-0 (train.zero_stage=0; {path!r} has stage "
+                          f"{int(zcfg.stage)}): ZeRO-1/2 step DeepSpeed's optimizer over their own partitions")
+    if not train.fused_ema:  # with it the trainer hands DeepSpeed its own optimizer (optim.AdamWEMA)
+        cfg["optimizer"] = {"type": "AdamW", "params": {
+            **adamw_params(train),
             # torch's AdamW over the ZeRO partition; fused (one kernel, not a foreach pass per operation) on
             # GPUs, and with ZeRO-0 everywhere (its grad_scale / found_inf inputs clip and skip, see train.py)
-            **({} if offload else {"torch_adam": True, "fused": on_gpu or zero0})}},
-    })
+            **({} if offload else {"torch_adam": True, "fused": on_gpu or zero0})}}
     # DeepSpeed's throughput timer (on unless the base JSON sets "timers") synchronises the device at every
     # engine forward and step() to time them, draining the GPU's queue twice per micro-step; its only output
     # is a log line every steps_per_print steps, and the metrics logger reports img/s without a sync

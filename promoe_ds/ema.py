@@ -43,6 +43,10 @@ class EMA:
         self.owner = _owners(self.params, self.groups, me)
         self.shadow = {i: p.detach().float().clone() for i, p in enumerate(self.params) if self.owner[i] == me}
 
+    def averages(self) -> dict[nn.Parameter, torch.Tensor]:
+        """This rank's share: parameter -> its EMA tensor (``optim.AdamWEMA`` updates them in its own pass)."""
+        return {self.params[i]: t for i, t in self.shadow.items()}
+
     @torch.no_grad()
     def update(self) -> None:
         # shadow <- decay * shadow + (1 - decay) * param, for this rank's share

@@ -23,10 +23,11 @@ from promoe_ds import checkpoint as ckpt
 from promoe_ds.config import Config, ConfigError, to_dict
 from promoe_ds.data import build_latent_source, stable_seed
 from promoe_ds.diffusion import build_objective
-from promoe_ds.ds_config import batch_layout, build_ds_config
+from promoe_ds.ds_config import adamw_params, batch_layout, build_ds_config
 from promoe_ds.ema import EMA
 from promoe_ds.metrics import MetricsLogger, train_flops_per_image
 from promoe_ds.models.dit import build_model, compile_model, count_params
+from promoe_ds.optim import AdamWEMA
 from promoe_ds.parallel.launch import init_distributed
 from promoe_ds.profiling import StepProfiler, phase
 
@@ -134,6 +135,7 @@ def train(cfg: Config) -> int:
     stop = StopFlag()  # first: a preemption signal during start-up must not kill the process
     info = init_distributed()
     import deepspeed
+    from deepspeed.moe.utils import configure_moe_param_groups
     from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, global_grad_norm, replica_group
 
     t, rank, world, device = cfg.train, info.rank, info.world_size, info.device
@@ -170,12 +172,17 @@ def train(cfg: Config) -> int:
         apply_expert_parallel(model, t.ep_size)
     model.to(device)
     params = list(model.parameters())
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)
+    ema = EMA(model, t.ema_decay, replicas=replica_group)  # sharded over the ranks holding the same weights
+    optimizer = None  # DeepSpeed's, from its config
+    if t.fused_ema:  # AdamW updates the EMA in its own pass (ZeRO-0); the param groups DeepSpeed's optimizer
+        # would get (MoE: dense and expert groups), so either optimizer resumes the other's checkpoints
+        optimizer = AdamWEMA(configure_moe_param_groups(params) if is_moe else params, ema.averages(), t.ema_decay,
+                             **adamw_params(t))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer, config=ds_cfg)
     if zero_stage == 0 and world == 1:
         # one rank: DeepSpeed's reduction would only flatten the gradients, scale them by 1 and copy them back
         # (measured: 3.5% of the step); DeepSpeed itself turns it off only when there is no process group
         engine.enable_backward_allreduce = False
-    ema = EMA(model, t.ema_decay, replicas=replica_group)  # sharded over the ranks holding the same weights
     objective = build_objective(cfg.objective)
     expert_writer = (rank // t.ep_size) == 0  # first expert-data-parallel replica of each EP rank
 
@@ -304,8 +311,9 @@ def train(cfg: Config) -> int:
                                    f"checkpoint in {ckpt_dir}")
         else:
             bad_in_a_row = 0
-            with phase("ema"):
-                ema.update()
+            if not t.fused_ema:
+                with phase("ema"):
+                    ema.update()
         with phase("bookkeeping"):
             if step % t.log_every == 0 or step == t.steps:
                 logger.log(step, {"grad_norm": float(engine.get_global_grad_norm() or 0.0),

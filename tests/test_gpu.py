@@ -125,3 +125,38 @@ def test_cuda_graphs_replay_the_compiled_step():
     assert losses_g == losses
     for a, b in zip(weights_g, weights):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_adamw_ema_in_one_pass_matches_fused_adamw_and_ema_without_a_sync():
+    """train.fused_ema on CUDA (inductor's Triton kernels): three steps with clipping equal torch's fused AdamW
+    followed by the EMA's own pass, and once compiled a step queues without waiting for the GPU."""
+    from promoe_ds.optim import AdamWEMA
+
+    torch.manual_seed(0)
+    shapes = [(64, 32), (64,), (4, 128, 32), (4, 32)]
+    init = [torch.randn(s, device="cuda") for s in shapes]
+    grads = [[torch.randn(s, device="cuda") * 3 for s in shapes] for _ in range(3)]
+    hyper = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+
+    def run(ours: bool):
+        params = [torch.nn.Parameter(r.clone()) for r in init]
+        emas = {p: p.detach().clone() for p in params[:3]}  # one parameter without an EMA on this rank
+        opt = AdamWEMA(params, emas, 0.99, **hyper) if ours else torch.optim.AdamW(params, **hyper, fused=True)
+        for i, gs in enumerate(grads):
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.grad_scale = torch.full((), 1.0 + i, device="cuda")
+            if i and ours:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            if not ours:
+                torch._foreach_lerp_(list(emas.values()), params[:3], 0.01)
+        return params, list(emas.values())
+
+    (params, emas), (ref_params, ref_emas) = run(True), run(False)
+    for a, b in zip(params + emas, ref_params + ref_emas):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(params[0], init[0])

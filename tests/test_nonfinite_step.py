@@ -75,6 +75,7 @@ CASES = {
     "zero2-gas2": (2, 2, 1, float("inf")),  # step 2's first micro-batch is fine: its gradient must not be applied
     "zero1-gas2": (1, 2, 0, float("nan")),  # ZeRO-1: gradients reduced at the boundary only
     "zero0-gas2": (0, 2, 1, float("inf")),  # ZeRO-0: the skip is the fused AdamW's found_inf (train.clip_in_adamw)
+    "zero0-fused-gas2": (0, 2, 1, float("inf")),  # train.fused_ema: AdamWEMA skips on the host's overflow flag
     "abort": (2, 1, 0, float("nan")),       # train.max_bad_steps=1
     "zero2-warmup": (2, 1, 0, float("nan")),  # WARMUP: LR warm-up, logs and a checkpoint only after step 4
     "zero0-warmup": (0, 1, 0, float("nan")),  # ZeRO-0 (the skip reported to DeepSpeed by the trainer)
@@ -93,6 +94,8 @@ def runs(tmp_path_factory):
             "train.global_batch=8", f"train.micro_batch={micro}", f"train.zero_stage={zero}", "train.ep_size=2",
             f"train.seed={SEED}", "train.steps=3", "train.log_every=1", "train.ckpt_every=1", "train.keep_last=10",
             "objective.class_dropout=0.25", f"train.out_dir={d / 'run'}"]
+        if "fused" in name:
+            overrides.append("train.fused_ema=true")
         if name == "abort":
             overrides.append("train.max_bad_steps=1")
         if name.endswith("-warmup"):
@@ -135,7 +138,7 @@ def engine_counters(tag_dir):
     return m["global_steps"], m["skipped_steps"]
 
 
-@pytest.mark.parametrize("name", ["zero2-gas1", "zero2-gas2", "zero1-gas2", "zero0-gas2"])
+@pytest.mark.parametrize("name", ["zero2-gas1", "zero2-gas2", "zero1-gas2", "zero0-gas2", "zero0-fused-gas2"])
 def test_nonfinite_step_leaves_weights_optimizer_and_ema_untouched(runs, name):
     out, log, codes = finish(runs, name)
     assert codes == [0, 0], (log / "rank0.log").read_text()[-3000:]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from promoe_ds.parallel.launch import free_port
 from promoe_ds.scaling import ScalingError, main_scaling_report, split_starts, summarize
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,18 +22,10 @@ PER_GPU = 4
 STEPS, LOG_EVERY = 24, 4
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(nproc: int, run_dir: Path) -> None:
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nnodes=1", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", "-m", "promoe_ds.cli", "train", "--config", str(TINY),
+           f"--master-port={free_port()}", "-m", "promoe_ds.cli", "train", "--config", str(TINY),
            f"train.out_dir={run_dir}", f"train.global_batch={PER_GPU * nproc}", "train.ep_size=1",
            f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}", f"train.ckpt_every={STEPS}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}

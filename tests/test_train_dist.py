@@ -88,13 +88,14 @@ def test_ep2_zero0_zero1_zero2_match_single_process(tmp_path):
         torch.testing.assert_close(s3[name], s1[name], rtol=1e-4, atol=1e-6, msg=name)
     # ZeRO-0 (clipping by the global norm inside the fused AdamW, expert norms summed over the EP group), then
     # resumed from its step-3 checkpoint (AdamW moments from DeepSpeed's per-EP-rank optimizer files) to step 5
+    # with train.fused_ema (optim.AdamWEMA: AdamW and the sharded EMA in one compiled pass, from torch's AdamW state)
     z0 = COMMON + ["train.ep_size=2", "train.zero_stage=0", f"train.out_dir={tmp_path / 'z0'}"]
     run(2, z0 + steps, tmp_path / "log4")
     s4, n4 = load_full(tmp_path / "z0/checkpoints/step_00000003")
     assert n4 == 2 and s4.keys() == s1.keys()
     for name in s1:
         torch.testing.assert_close(s4[name], s1[name], rtol=1e-4, atol=1e-6, msg=name)
-    run(2, z0 + ["train.steps=5", "train.ckpt_every=3"], tmp_path / "log5")
+    run(2, z0 + ["train.steps=5", "train.ckpt_every=3", "train.fused_ema=true"], tmp_path / "log5")
     assert [r["step"] for r in metrics(tmp_path / "z0")] == [1, 2, 3, 4, 5]
     for a, b in zip(m1, metrics(tmp_path / "z0")):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
@@ -372,6 +373,7 @@ def test_deepspeed_throughput_timer_is_off_unless_the_base_json_asks(tmp_path):
     ("train.ds_config=ds_configs/bad_test.json", "unknown ds_config key"),
     ("train.zero_stage=1 train.offload_optimizer=true", "train.offload_optimizer: needs train.zero_stage=2"),
     ("train.compile=true train.cuda_graphs=true", "train.cuda_graphs: needs CUDA GPUs"),
+    ("train.fused_ema=true", "train.fused_ema: needs ZeRO-0"),
 ])
 def test_bad_configs_fail_before_training(tmp_path, override, needle):
     bad = REPO / "ds_configs" / "bad_test.json"

@@ -9,6 +9,7 @@ NCCL on GPUs, gloo on CPU (DeepSpeed's CPU accelerator).
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -52,10 +53,30 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local, device, backend)
 
 
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nothing listens on, for a rendezvous on this machine. Taken below the kernel's ephemeral
+    range where there is room: other worlds' ranks connect from ephemeral ports, and one of those connections
+    could take a port picked from that range before this world's rank 0 listens on it (seen with eight
+    2-process worlds starting at once). Never the same port twice in one process."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    pick = random.SystemRandom()
+    for _ in range(200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", pick.randrange(10000, low) if low > 11000 else 0))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        if port not in _given:
+            _given.add(port)
+            return port
+    raise RuntimeError("no free TCP port found on 127.0.0.1")
 
 
 def spawn_local(nprocs: int, argv: list[str], log_dir: str | Path | None = None,
