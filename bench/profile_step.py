@@ -8,6 +8,7 @@ optionally the top kernels of each.
 
     python bench/profile_step.py                                   # dense-compiled vs grouped-compiled, batch 64
     python bench/profile_step.py --configs grouped-compiled --top 30
+    python bench/profile_step.py --fused-ema      # AdamW and the EMA in one pass (train.fused_ema): in "optimizer"
 """
 import argparse
 import sys
@@ -71,11 +72,13 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10, help="timed steps (phases); the profiler pass takes 2")
     ap.add_argument("--top", type=int, default=0, help="also print each configuration's top kernels")
+    ap.add_argument("--fused-ema", action="store_true", help="AdamW and the EMA in one compiled pass (optim.AdamWEMA)")
     args = ap.parse_args()
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  batch {args.batch}", flush=True)
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  batch {args.batch}"
+          f"{'  --fused-ema' if args.fused_ema else ''}", flush=True)
     phases, cats = {}, {}
     for name in args.configs.split(","):
-        _, step = make_step(*CONFIGS[name], args.batch)
+        _, step = make_step(*CONFIGS[name], args.batch, args.fused_ema)
         for i in range(5):  # compile and warm up
             step(i)
         phases[name] = phase_ms(step, args.steps)
