@@ -109,6 +109,15 @@ def clip_in_adamw(optimizer, norm: torch.Tensor, max_norm: float, ok: torch.Tens
     return finite
 
 
+def finish(logger: MetricsLogger) -> None:
+    """The end of a run on every rank: the ranks leave together and take the process group down before the
+    interpreter exits (left to exit-time destructors, a rank whose peers had already gone once aborted with
+    "terminate called without an active exception" after a finished run)."""
+    logger.close()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 class StopFlag:
     """SIGTERM / SIGUSR1 -> checkpoint at the end of the next step, then exit 99."""
 
@@ -327,9 +336,9 @@ def train(cfg: Config) -> int:
         if stopping:
             if rank == 0:
                 print(f"stopped by signal at step {step}: checkpoint written, exit {PREEMPTED_EXIT}", flush=True)
-            logger.close()
+            finish(logger)
             return PREEMPTED_EXIT
-    logger.close()
+    finish(logger)
     return 0
 
 
