@@ -70,8 +70,6 @@ class AdamWEMA(torch.optim.AdamW):
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif state["step"].device != p.device:  # loaded from a non-fused AdamW's checkpoint
-                state["step"] = state["step"].to(p.device, torch.float32)
         parts = []
         for part in ([p for p in params if p in self.averages], [p for p in params if p not in self.averages]):
             if part:
