@@ -5,7 +5,9 @@
 - ``grouped-eager`` / ``grouped-compiled``: the trainer's ``grouped`` backend (``torch._grouped_mm``, ATen's
   CUTLASS kernel), eager and under the default torch.compile;
 - ``grouped-autotune``: the same, compiled with inductor's ``max_autotune_gemm``, which also times its Triton
-  grouped-GEMM template against the ATen kernel and keeps the faster one per GEMM.
+  grouped-GEMM template against the ATen kernel and keeps the faster one per GEMM;
+- ``grouped-nobias``: the grouped GEMMs without the bias columns (K = D and H exactly, biases left out),
+  compiled: the floor for any way of adding the biases outside the GEMMs.
 
 Prints ms per layer, TFLOP/s of the GEMMs, and the top CUDA kernels of each variant.
 
@@ -19,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from promoe_ds.models.experts import grouped_experts
+from timing import cuda_ms, kernels_ms  # bench/timing.py
 
-VARIANTS = ("dense", "grouped-eager", "grouped-compiled", "grouped-autotune")
+VARIANTS = ("dense", "grouped-eager", "grouped-compiled", "grouped-autotune", "grouped-nobias")
 
 
 def token_counts(tokens: int, routed: int, seed: int = 0) -> torch.Tensor:
@@ -40,6 +43,13 @@ def make_fn(variant: str):
         return torch.compile(fn)
     if variant == "grouped-eager":
         return grouped_experts
+    if variant == "grouped-nobias":
+        def nobias(x, counts, w1, b1, w2, b2):
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)
+            x, w1, w2 = x.bfloat16(), w1.bfloat16(), w2.bfloat16()
+            h = F.gelu(torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs), approximate="tanh")
+            return torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)
+        return torch.compile(nobias)
     opts = {"max_autotune_gemm": True} if variant == "grouped-autotune" else None
     return torch.compile(grouped_experts, options=opts)
 
@@ -62,25 +72,10 @@ def run(variant: str, counts: torch.Tensor, dim: int, hidden: int, iters: int, t
             y = fn(*args, *params)
         y.float().square().mean().backward()
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        step()
-    b.record()
-    torch.cuda.synchronize()
-    ms = a.elapsed_time(b) / iters
+    ms = cuda_ms(step, iters, warmup=3)
     flops = 3 * 2 * 2 * n * dim * hidden  # two GEMMs, forward + two backward GEMMs each
     print(f"{variant:>18}: {ms:7.3f} ms per layer (fwd+bwd), GEMM FLOPs at {flops / ms / 1e9:6.1f} TFLOP/s")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-    kernels = sorted(((ev.device_time_total / 5e3, ev.key) for ev in prof.key_averages()
-                      if ev.device_time_total > 0), reverse=True)
-    for t, k in kernels[:top]:
+    for k, t in sorted(kernels_ms(step, 5).items(), key=lambda kv: -kv[1])[:top]:
         print(f"{'':>20}{t:7.3f} ms  {k[:150]}")
     return ms
 

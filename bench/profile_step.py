@@ -11,16 +11,17 @@ optionally the top kernels of each.
     python bench/profile_step.py --fused-ema      # AdamW and the EMA in one pass (train.fused_ema): in "optimizer"
 """
 import argparse
+import itertools
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from promoe_ds.profiling import CATEGORIES, by_category, kernel_ms
+from promoe_ds.profiling import CATEGORIES, by_category
 
 sys.path.insert(0, str(Path(__file__).parent))
+from timing import kernels_ms  # noqa: E402
 from train_step import CONFIGS, make_step  # noqa: E402  (the step the benchmark times)
 
 PHASES = ("forward", "backward", "clip", "optimizer", "ema")  # make_step's marks
@@ -44,15 +45,6 @@ def phase_ms(step, steps: int) -> dict[str, float]:
         for name, a, b in zip(names, events, events[1:]):
             sums[name] += a.elapsed_time(b) / steps
     return dict(sums)
-
-
-def profiled_kernels(step, steps: int) -> dict[str, float]:
-    """CUDA kernel time per kernel, ms per step, from one profiled run of ``steps``."""
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for i in range(steps):
-            step(i)
-        torch.cuda.synchronize()
-    return kernel_ms(prof, steps)
 
 
 def table(title: str, rows: list[str], cols: dict[str, dict[str, float]]) -> str:
@@ -82,7 +74,8 @@ def main():
         for i in range(5):  # compile and warm up
             step(i)
         phases[name] = phase_ms(step, args.steps)
-        kernels = profiled_kernels(step, 2)
+        calls = itertools.count()
+        kernels = kernels_ms(lambda: step(next(calls)), 2)
         cats[name] = by_category(kernels)
         print(f"{name}: {sum(phases[name].values()):.1f} ms/step", flush=True)
         if args.top:

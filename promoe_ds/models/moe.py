@@ -180,7 +180,11 @@ class MoEMLP(nn.Module):
     @full_precision
     def _scores(self, x):
         if self.router.startswith("promoe"):
-            z = self.alpha * F.normalize(_atleast_f32(x), dim=-1) @ F.normalize(_atleast_f32(self.prototypes), dim=-1).T  # Eq. 4
+            # Eq. 4 as (x . p) / |x| with unit prototypes: x enters the GEMM as it is; a normalised copy of x
+            # would be written, kept for the backward and read again (measured: bench/moe_block.py, docs/speed.md)
+            x = _atleast_f32(x)
+            protos = F.normalize(_atleast_f32(self.prototypes), dim=-1)
+            z = self.alpha * (x @ protos.T) / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
             if self.activation == "sigmoid":
                 return z.sigmoid()
             return z.softmax(-1) if self.activation == "softmax" else z  # Eq. 2, identity by default
