@@ -12,7 +12,7 @@ from promoe_ds.cli import main as cli_main
 from promoe_ds.config import ConfigError, ExpertSpec, MoEConfig, load_config
 from promoe_ds.models.dit import build_model, count_params
 from promoe_ds.models.experts import BACKENDS, ExpertGroup
-from promoe_ds.models.moe import MoEMLP, routing_contrastive_loss
+from promoe_ds.models.moe import MoEMLP, expert_order, routing_contrastive_loss
 
 # ------------------------------------------------------------------ Algorithm 1, written plainly
 
@@ -101,6 +101,16 @@ def test_layer_gradcheck():
     X = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     cond = torch.tensor([True, False])
     assert torch.autograd.gradcheck(lambda x, p: layer(x, cond)[0] + 0 * p.sum(), (X, layer.prototypes))
+
+
+def test_expert_order_is_a_stable_sort_with_its_inverse_and_counts():
+    g = torch.Generator().manual_seed(0)
+    exp = torch.randint(0, 5, (300,), generator=g)
+    exp[exp == 3] = 1  # an expert without assignments
+    order, inv, counts = expert_order(exp, None, 6)
+    assert torch.equal(order, torch.argsort(exp, stable=True))
+    assert torch.equal(inv[order], torch.arange(300)) and torch.equal(counts, torch.bincount(exp, minlength=6))
+    assert expert_order(exp, torch.arange(300), 6)[1] is None  # expert choice: no inverse needed
 
 
 def test_rcl_by_hand():

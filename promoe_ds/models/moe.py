@@ -55,11 +55,6 @@ def full_precision(fn):
     return wrapped
 
 
-def expert_counts(exp: torch.Tensor, num: int) -> torch.Tensor:
-    """Assignments per expert id, shape [num] whatever the data (unlike bincount)."""
-    return torch.zeros(num, dtype=torch.long, device=exp.device).scatter_add_(0, exp, torch.ones_like(exp))
-
-
 class _GatherRows(torch.autograd.Function):
     """Row a of the result is ``t[idx[a] // slots]``, ``idx`` a permutation of ``len(t) * slots`` rows with
     inverse ``inv``. The backward gathers too: ``grad[inv]``, summed over each row's slots
@@ -78,13 +73,18 @@ class _GatherRows(torch.autograd.Function):
         return (g.view(-1, ctx.slots, g.shape[1]).sum(1) if ctx.slots > 1 else g), None, None, None
 
 
-def expert_order(exp: torch.Tensor, tok: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(order, inv): the assignments sorted by expert id (stable), and for token choice (``tok`` None)
-    the inverse permutation that the gathers of ``gather_sorted`` / ``combine_sorted`` use."""
-    order = torch.argsort(exp, stable=True)
-    if tok is not None:
-        return order, None
-    return order, torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+def expert_order(exp: torch.Tensor, tok: torch.Tensor | None, num: int):
+    """(order, inv, counts): the assignments sorted by expert id (stable), for token choice (``tok`` None) the
+    inverse permutation that the gathers of ``gather_sorted`` / ``combine_sorted`` use, and the assignments per
+    expert id (``num`` of them). A counting sort: assignment a goes to place start[e] + (assignments to e before
+    a), e = exp[a]; a scan over the one-hot ids instead of a radix sort over 64-bit keys plus its inverse."""
+    # [num, A]: the scan runs along contiguous rows (F.one_hot would also check the ids on the host)
+    onehot = (torch.arange(num, device=exp.device)[:, None] == exp).long()
+    counts = onehot.sum(1)
+    start = counts.cumsum(0) - counts
+    place = start[exp] + (onehot.cumsum(1) - onehot).gather(0, exp[None]).squeeze(0)
+    order = torch.empty_like(place).scatter_(0, place, torch.arange(place.numel(), device=place.device))
+    return order, (place if tok is None else None), counts
 
 
 def gather_sorted(x, tok, order, inv):
@@ -106,8 +106,7 @@ def combine_sorted(ys, x, tok, order, inv, gate):
 def local_dispatch(layer: "MoEMLP", x, tok, exp, gate):
     """sum_j G_j E_j(x) over every assignment (Eq. 5), routed and unconditional experts in one call."""
     groups = [g for g in (layer.routed_experts, layer.uncond_experts) if g is not None]
-    order, inv = expert_order(exp, tok)
-    counts = expert_counts(exp, sum(g.num for g in groups))
+    order, inv, counts = expert_order(exp, tok, sum(g.num for g in groups))
     ys = run_experts(groups, gather_sorted(x, tok, order, inv), counts)
     return combine_sorted(ys, x, tok, order, inv, gate)
 

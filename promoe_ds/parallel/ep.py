@@ -24,7 +24,7 @@ from deepspeed.utils import groups
 
 from promoe_ds.models.dit import DiT
 from promoe_ds.models.experts import run_experts
-from promoe_ds.models.moe import combine_sorted, expert_counts, expert_order, gather_sorted
+from promoe_ds.models.moe import combine_sorted, expert_order, gather_sorted
 
 
 class _AllToAll(torch.autograd.Function):
@@ -89,8 +89,7 @@ class AllToAllDispatch:
     def __call__(self, layer, x, tok, exp, gate):
         n_routed = self.ep_size * self.num_local
         n_uncond = layer.uncond_experts.num if layer.uncond_experts is not None else 0
-        order, inv = expert_order(exp, tok)
-        counts = expert_counts(exp, n_routed + n_uncond)
+        order, inv, counts = expert_order(exp, tok, n_routed + n_uncond)
         recv, recv_counts, local = self._send(gather_sorted(x, tok, order, inv), counts, n_routed)
         ys = run_experts([layer.routed_experts], recv, recv_counts)
         ys_local = run_experts([layer.uncond_experts], local, counts[n_routed:]) if n_uncond else None
