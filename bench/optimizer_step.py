@@ -15,6 +15,7 @@ import torch
 from promoe_ds.config import load_config
 from promoe_ds.models.dit import DiT
 from promoe_ds.optim import adamw_ema_
+from timing import cuda_ms  # bench/timing.py
 
 
 def main():
@@ -71,16 +72,7 @@ def main():
                 "norm, adamw(grad_scale), ema": (step_ema, False),
                 "norm, one pass adamw+ema": (step_ema, True)}
     for name, (fn, *flags) in list(variants.items()) * 2:
-        for _ in range(3):
-            fn(*flags)
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(args.iters):
-            fn(*flags)
-        b.record()
-        torch.cuda.synchronize()
-        print(f"{name:32s} {a.elapsed_time(b) / args.iters:7.2f} ms")
+        print(f"{name:32s} {cuda_ms(lambda: fn(*flags), args.iters, warmup=3):7.2f} ms")
 
 
 if __name__ == "__main__":

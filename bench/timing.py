@@ -1,5 +1,5 @@
 """Timing helpers shared by the GPU microbenchmarks (bench/grouped_gemm.py, bench/moe_block.py,
-bench/profile_step.py)."""
+bench/optimizer_step.py, bench/profile_step.py)."""
 from __future__ import annotations
 
 import torch

@@ -70,11 +70,10 @@ class AdamWEMA(torch.optim.AdamW):
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        parts = []
-        for part in ([p for p in params if p in self.averages], [p for p in params if p not in self.averages]):
-            if part:
-                parts.append((part, [self.state[p]["exp_avg"] for p in part], [self.state[p]["exp_avg_sq"] for p in part],
-                              [self.averages[p] for p in part] if part[0] in self.averages else None))
+        with_ema = [p for p in params if p in self.averages]
+        without = [p for p in params if p not in self.averages]
+        parts = [(ps, [self.state[p]["exp_avg"] for p in ps], [self.state[p]["exp_avg_sq"] for p in ps], emas)
+                 for ps, emas in ((with_ema, [self.averages[p] for p in with_ema]), (without, None)) if ps]
         return [self.state[p]["step"] for p in params], parts
 
     @torch.no_grad()
