@@ -9,6 +9,7 @@ optionally the top kernels of each.
     python bench/profile_step.py                                   # dense-compiled vs grouped-compiled, batch 64
     python bench/profile_step.py --configs grouped-compiled --top 30
     python bench/profile_step.py --fused-ema      # AdamW and the EMA in one pass (train.fused_ema): in "optimizer"
+    python bench/profile_step.py --fused-ema --bf16-weights   # with the GEMM weights in bf16 (train.bf16_weights)
 """
 import argparse
 import itertools
@@ -65,12 +66,15 @@ def main():
     ap.add_argument("--steps", type=int, default=10, help="timed steps (phases); the profiler pass takes 2")
     ap.add_argument("--top", type=int, default=0, help="also print each configuration's top kernels")
     ap.add_argument("--fused-ema", action="store_true", help="AdamW and the EMA in one compiled pass (optim.AdamWEMA)")
+    ap.add_argument("--bf16-weights", action="store_true", help="with --fused-ema: train.bf16_weights")
     args = ap.parse_args()
+    if args.bf16_weights and not args.fused_ema:
+        ap.error("--bf16-weights needs --fused-ema")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  batch {args.batch}"
-          f"{'  --fused-ema' if args.fused_ema else ''}", flush=True)
+          f"{'  --fused-ema' if args.fused_ema else ''}{'  --bf16-weights' if args.bf16_weights else ''}", flush=True)
     phases, cats = {}, {}
     for name in args.configs.split(","):
-        _, step = make_step(*CONFIGS[name], args.batch, args.fused_ema)
+        _, step = make_step(*CONFIGS[name], args.batch, args.fused_ema, args.bf16_weights)
         for i in range(5):  # compile and warm up
             step(i)
         phases[name] = phase_ms(step, args.steps)

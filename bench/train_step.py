@@ -3,7 +3,8 @@
 One GPU: dense DiT-XL vs ProMoE-XL per expert backend. One step = flow-matching forward (bf16
 autocast) + RCL, backward, grad clip 0.5 and fused AdamW (the clip inside AdamW, as the trainer's ZeRO-0
 step does: train.clip_in_adamw), EMA update (--fused-ema: AdamW and the EMA in one compiled pass, as
-train.fused_ema), on 256px latents (4x32x32) with synthetic data. Every configuration runs in the same process on the same GPU, so the printed ratios
+train.fused_ema; --bf16-weights: with it, the GEMM weights stored in bf16 and their float32 masters stepped by
+that pass, as train.bf16_weights), on 256px latents (4x32x32) with synthetic data. Every configuration runs in the same process on the same GPU, so the printed ratios
 compare like with like. Prints img/s, step ms, peak GiB, MFU and the ratios to compiled dense and
 to the loop reference.
 
@@ -42,7 +43,7 @@ from promoe_ds.diffusion import build_objective
 from promoe_ds.ema import EMA
 from promoe_ds.metrics import peak_flops, train_flops_per_image
 from promoe_ds.models.dit import build_model, compile_model, count_params
-from promoe_ds.optim import AdamWEMA
+from promoe_ds.optim import AdamWEMA, keep_bf16_weights
 from promoe_ds.parallel.ep import global_grad_norm
 from promoe_ds.scaling import ScalingError, add_ratios, markdown_table, summarize
 from promoe_ds.train import clip_in_adamw
@@ -62,10 +63,12 @@ CONFIGS = {  # name: (preset, expert backend or None for dense, compiler)
 }
 
 
-def make_step(preset: str, backend: str | None, compiler: str | None, batch: int, fused_ema: bool = False):
+def make_step(preset: str, backend: str | None, compiler: str | None, batch: int, fused_ema: bool = False,
+              bf16_weights: bool = False):
     """(model cfg, step(i, mark=None)) for one full train step of ``preset`` on the GPU, rotating 4
     batches. ``mark(phase)``, when given, is called at the end of each phase: forward, backward,
-    clip, optimizer, ema (bench/profile_step.py times them; with ``fused_ema`` the optimizer phase has the EMA)."""
+    clip, optimizer, ema (bench/profile_step.py times them; with ``fused_ema`` the optimizer phase has the EMA).
+    ``bf16_weights`` (needs ``fused_ema``): train.bf16_weights."""
     cfg = load_config(overrides=[f"model.preset={preset}"])
     dev = torch.device("cuda")
     model = build_model(cfg.model, seed=0).to(dev).train()
@@ -74,6 +77,8 @@ def make_step(preset: str, backend: str | None, compiler: str | None, batch: int
     fwd = COMPILERS[compiler](model)
     params = list(model.parameters())
     ema = EMA(model, 0.9999)
+    if bf16_weights:
+        keep_bf16_weights(model)
     hyper = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
     opt = (AdamWEMA(params, ema.averages(), 0.9999, eps=1e-8, **hyper) if fused_ema else
            torch.optim.AdamW(params, **hyper, fused=True))
@@ -114,8 +119,8 @@ def make_step(preset: str, backend: str | None, compiler: str | None, batch: int
     return cfg, step
 
 
-def bench(name: str, batch: int, steps: int, warmup: int, fused_ema: bool) -> dict:
-    cfg, step = make_step(*CONFIGS[name], batch, fused_ema)
+def bench(name: str, batch: int, steps: int, warmup: int, fused_ema: bool, bf16_weights: bool) -> dict:
+    cfg, step = make_step(*CONFIGS[name], batch, fused_ema, bf16_weights)
     dev = torch.device("cuda")
     for i in range(warmup):
         step(i)
@@ -193,6 +198,8 @@ def main():
     ap.add_argument("--steps", type=int, help="timed steps (default 15); with --gpus: training steps (30)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--fused-ema", action="store_true", help="one GPU: AdamW and the EMA in one pass (optim.AdamWEMA)")
+    ap.add_argument("--bf16-weights", action="store_true",
+                    help="one GPU, with --fused-ema: GEMM weights kept in bf16, float32 masters (train.bf16_weights)")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--gpus", type=lambda s: [int(x) for x in s.split(",")],
                     help="weak scaling over these GPU counts, e.g. 1,2,4,8")
@@ -205,6 +212,8 @@ def main():
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="with --gpus: more trainer overrides, e.g. train.compile=true")
     args = ap.parse_args()
+    if args.bf16_weights and not args.fused_ema:
+        ap.error("--bf16-weights needs --fused-ema (its optimizer keeps the float32 masters)")
     if args.gpus:
         args.batch, args.steps = args.batch or [32], args.steps or 30
         args.config = args.config or ("configs/promoe_xl.yaml" if args.device == "cuda" else "configs/tiny_cpu.yaml")
@@ -216,13 +225,14 @@ def main():
         return
     args.batch, args.steps = args.batch or [32, 64], args.steps or 15
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}"
-          f"{'  AdamW + EMA in one pass (--fused-ema)' if args.fused_ema else ''}", flush=True)
+          f"{'  AdamW + EMA in one pass (--fused-ema)' if args.fused_ema else ''}"
+          f"{'  bf16 weights (--bf16-weights)' if args.bf16_weights else ''}", flush=True)
     results = []
     for b in args.batch:
         for name in args.configs.split(","):
             t = time.time()
             try:
-                r = bench(name, b, args.steps, args.warmup, args.fused_ema)
+                r = bench(name, b, args.steps, args.warmup, args.fused_ema, args.bf16_weights)
             except Exception as e:  # a backend missing on this machine is reported, not fatal
                 r = {"config": name, "batch": b, "error": f"{type(e).__name__}: {str(e)[:200]}"}
             r["wall_s"] = round(time.time() - t, 1)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from promoe_ds.config import ConfigError
 from promoe_ds.models.moe import routed_expert_layer
+from promoe_ds.optim import master
 
 META = "meta.json"
 LATEST = "latest"
@@ -47,12 +48,12 @@ def _atomic_write_text(text: str, path: Path) -> None:
 
 def split_state(model: torch.nn.Module, ema_state: dict, keep=lambda name: True) -> tuple[dict, dict]:
     """(dense, routed) dicts of {name: {"model": fp32 CPU copy, "ema": ema_state[name]}} of the parameters
-    ``keep`` selects (``ema_state``: CPU copies, from ``EMA.state_dict``)."""
+    ``keep`` selects (``ema_state``: CPU copies, from ``EMA.state_dict``); a bf16 weight's is its float32 master."""
     dense, routed = {}, {}
     for name, p in model.named_parameters():
         if not keep(name):
             continue
-        entry = {"model": p.detach().to("cpu", torch.float32, copy=True), "ema": ema_state[name]}
+        entry = {"model": master(p).detach().to("cpu", torch.float32, copy=True), "ema": ema_state[name]}
         (routed if routed_expert_layer(name) else dense)[name] = entry
     return dense, routed
 
@@ -143,6 +144,8 @@ def load(engine, model, ema, tag_dir: Path, *, rank: int, ep_rank: int) -> tuple
         raise ConfigError(f"checkpoint {str(tag_dir)!r} lacks {len(missing)} parameters, e.g. {missing[0]}")
     for name, p in params.items():
         p.copy_(state[name]["model"])
+        if master(p) is not p:  # a bf16 weight (train.bf16_weights): its float32 master too
+            master(p).copy_(state[name]["model"])
     ema.load_state_dict({n: state[n]["ema"] for n in ema.names})
     rank_state = torch.load(own / f"rank{rank:05d}.pt", map_location="cpu", weights_only=False)
     return meta, rank_state

@@ -145,6 +145,7 @@ class TrainConfig:
     compile: bool = False
     cuda_graphs: bool = False       # with compile: replay the compiled forward/backward as CUDA graphs (ep_size 1)
     fused_ema: bool = False         # ZeRO-0: AdamW and the EMA in one compiled pass over the weights (optim.py)
+    bf16_weights: bool = False      # with fused_ema, bf16: weights autocast casts stored in bf16, float32 masters in AdamW
     grad_checkpoint: bool = False
     profile_at: int = 0             # profile steps profile_at .. +profile_steps-1 into <out_dir>/profile (0 = off)
     profile_steps: int = 3

@@ -103,6 +103,14 @@ def build_ds_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict:
     if train.fused_ema and not zero0:
         raise ConfigError(f"train.fused_ema: needs ZeRO-0 (train.zero_stage=0; {path!r} has stage "
                           f"{int(zcfg.stage)}): ZeRO-1/2 step DeepSpeed's optimizer over their own partitions")
+    if train.bf16_weights and not train.fused_ema:
+        raise ConfigError("train.bf16_weights: needs train.fused_ema=true (its optimizer keeps the float32 masters)")
+    if train.bf16_weights and not bf16:
+        raise ConfigError(f"train.bf16_weights: needs bf16 autocast (train.precision=bf16, or auto on a GPU; this "
+                          f"run is {train.precision!r}{'' if on_gpu else ' on the CPU'})")
+    if train.bf16_weights and gas > 1:
+        raise ConfigError(f"train.bf16_weights: gradients would add up in bf16 over {gas} micro-batches; use one "
+                          "micro-batch per step (train.micro_batch=0 or global_batch / world size) or turn it off")
     if not train.fused_ema:  # with it the trainer hands DeepSpeed its own optimizer (optim.AdamWEMA)
         cfg["optimizer"] = {"type": "AdamW", "params": {
             **adamw_params(train),

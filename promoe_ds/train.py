@@ -27,7 +27,7 @@ from promoe_ds.ds_config import adamw_params, batch_layout, build_ds_config
 from promoe_ds.ema import EMA
 from promoe_ds.metrics import MetricsLogger, train_flops_per_image
 from promoe_ds.models.dit import build_model, compile_model, count_params
-from promoe_ds.optim import AdamWEMA
+from promoe_ds.optim import AdamWEMA, keep_bf16_weights
 from promoe_ds.parallel.launch import init_distributed
 from promoe_ds.profiling import StepProfiler, phase
 
@@ -182,6 +182,8 @@ def train(cfg: Config) -> int:
     model.to(device)
     params = list(model.parameters())
     ema = EMA(model, t.ema_decay, replicas=replica_group)  # sharded over the ranks holding the same weights
+    if t.bf16_weights:  # after the EMA took the float32 values
+        keep_bf16_weights(model)
     optimizer = None  # DeepSpeed's, from its config
     if t.fused_ema:  # AdamW updates the EMA in its own pass (ZeRO-0); the param groups DeepSpeed's optimizer
         # would get (MoE: dense and expert groups), so either optimizer resumes the other's checkpoints
@@ -210,13 +212,14 @@ def train(cfg: Config) -> int:
     counts = count_params(m)
     logger = MetricsLogger(out_dir, rank, device, t.global_batch, world,
                            train_flops_per_image(m, counts["activated_params"]), cfg.wandb, to_dict(cfg))
+    precision = ("bf16 autocast" + (", bf16 weights" if t.bf16_weights else "")) if bf16 else "fp32"
     if rank == 0:
         print(f"promoe-ds {promoe_ds.__version__}: {m.preset or 'custom'} "
               f"{counts['total_params'] / 1e6:.1f}M params ({counts['activated_params'] / 1e6:.1f}M activated), "
               f"world {world}, ep_size {t.ep_size}, ZeRO-{zero_stage}, "
-              f"micro-batch {micro} x grad-accum {gas}, {'bf16 autocast' if bf16 else 'fp32'}, "
+              f"micro-batch {micro} x grad-accum {gas}, {precision}, "
               f"experts '{backend}', steps {start} -> {t.steps}", flush=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def save(step: int) -> None:
         meta = {"step": step, "world_size": world, "ep_size": t.ep_size,

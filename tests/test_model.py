@@ -369,6 +369,46 @@ def test_grouped_matches_loop_under_bf16_autocast_and_routing_stays_fp32(device)
         assert rel_err(a, b) < 2e-2
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("backend", ["loop", "grouped"])
+def test_bf16_weights_compute_what_autocast_computes(device, backend):
+    """train.bf16_weights: the GEMM operands stored in bf16 give, under bf16 autocast, the loss and gradients that
+    float32 weights of the same (bf16-representable) values give, bit for bit; the rest stays float32."""
+    import copy
+
+    from promoe_ds.optim import gemm_operands, keep_bf16_weights, master
+
+    ref = build_model(tiny_cfg(**{"model.moe.experts": "E8A2S2U1"})).train().to(device)  # two shared experts
+    ref.set_expert_backend(backend, device)
+    with torch.no_grad():
+        for p in ref.parameters():  # zero-initialised weights get values, every weight a gradient
+            p.add_(torch.randn_like(p) * 0.02)
+        for p in gemm_operands(ref):
+            p.copy_(p.bfloat16().float())
+    ours = copy.deepcopy(ref)
+    keep_bf16_weights(ours)
+    bf16 = {n for n, p in ours.named_parameters() if p.dtype == torch.bfloat16}
+    assert {n for n, p in ours.named_parameters() if p.dtype == torch.float32} == {
+        "y_embedder.weight", "blocks.1.mlp.prototypes", "blocks.1.mlp.shared_experts.b2"}  # not cast by autocast
+    for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert (master(p) is not p) == (n in bf16) and torch.equal(master(p), q), n
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 4, 8, 8, generator=g).to(device), torch.rand(4, generator=g).to(device)
+    y = torch.tensor([1, 10, 3, 4], device=device)
+    losses, grads = [], []
+    for model in (ref, ours):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out, aux = model(x, t, y)
+            loss = out.float().square().mean() + aux["aux_loss"]
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert torch.equal(losses[0], losses[1])
+    for n, gr in grads[0].items():
+        assert grads[1][n].dtype == (torch.bfloat16 if n in bf16 else torch.float32), n
+        assert torch.equal(grads[1][n].float(), gr), n
+
+
 def test_backend_choice_and_errors():
     model = build_model(tiny_cfg())
     assert model.set_expert_backend("auto", "cpu") == "loop"

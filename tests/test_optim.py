@@ -84,3 +84,51 @@ def test_state_dict_moves_between_adamwema_and_torch_fused_adamw():
     for k in sa:
         assert sa[k]["step"].item() == sb[k]["step"].item() == 4
         torch.testing.assert_close(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"], rtol=1e-6, atol=1e-9)
+
+
+def test_bf16_weights_step_their_float32_masters():
+    """train.bf16_weights: parameters kept in bf16 (optim.keep_bf16_weights) step their float32 masters from their
+    bf16 gradients exactly as float32 parameters step from those gradients in float32, the parameters get
+    bf16(master), the EMA follows the master; the state stays float32 through a checkpoint."""
+    from promoe_ds.optim import keep_bf16_weights, master
+
+    class Net(torch.nn.Module):  # two linear layers (kept in bf16) and one other tensor (stays float32)
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(5, 6), torch.nn.Linear(6, 3, bias=False)
+            self.table = torch.nn.Parameter(torch.randn(4, 5))
+
+    def build():
+        torch.manual_seed(0)
+        net = Net()
+        return net, [*net.a.parameters(), *net.b.parameters(), net.table]
+
+    ref_net, ref = build()
+    net, ours = build()
+    keep_bf16_weights(net)
+    assert [p.dtype for p in ours] == [torch.bfloat16] * 3 + [torch.float32] and master(ours[3]) is ours[3]
+    ref_avg = {p: p.detach().clone() for p in (ref[0], ref[3])}  # an EMA for a bf16 and a float32 one
+    our_avg = {p: master(p).detach().clone() for p in (ours[0], ours[3])}
+    ref_opt, opt = AdamWEMA(ref, ref_avg, 0.9, **HYPER), AdamWEMA(ours, our_avg, 0.9, **HYPER)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        for r, p in zip(ref, ours):
+            g = torch.randn(p.shape, generator=gen).to(p.dtype)
+            p.grad, r.grad = g, g.float()
+        for o in (ref_opt, opt):
+            o.grad_scale = torch.tensor(1.5)
+            o.step()
+        for r, p in zip(ref, ours):
+            assert master(p).dtype == torch.float32 and torch.equal(master(p), r), step
+            assert torch.equal(p.detach(), r.detach().to(p.dtype)), step
+        for r, p in zip(ref_avg, our_avg):
+            assert torch.equal(our_avg[p], ref_avg[r]), step
+    assert not torch.equal(ours[0].detach().float(), master(ours[0]))  # the master holds more than bf16 does
+    opt.zero_grad()
+    assert all(p.grad is None for p in ours)
+    again = AdamWEMA(ours, our_avg, 0.9, **HYPER)
+    again.load_state_dict(opt.state_dict())  # torch casts a state to its param group's dtype: the masters'
+    for p in ours:
+        st = again.state[master(p)]
+        assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.float32
+        assert torch.equal(st["exp_avg_sq"], opt.state[master(p)]["exp_avg_sq"])

@@ -344,6 +344,51 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
         assert loss == ref[s], f"step {s}: resumed {loss} != uninterrupted {ref[s]}"
 
 
+def test_bf16_weights_train_bit_for_bit_as_autocast_and_resume(tmp_path):
+    """train.bf16_weights (GEMM weights stored in bf16, float32 masters in AdamWEMA) trains exactly as float32
+    weights under bf16 autocast (CPU autocast here; clipping on): the same losses and, in the checkpoint, the same
+    float32 weights and EMA, also through a resume (the masters come back from the checkpoint's float32 files,
+    not from the bf16 weights). Two ranks with expert parallelism (DeepSpeed reducing bf16 gradients): close."""
+    base = COMMON + ["train.zero_stage=0", "train.fused_ema=true", "train.precision=bf16", "train.ckpt_every=2",
+                     "model.moe.backend=grouped"]
+    ours = base + ["train.ep_size=1", "train.bf16_weights=true", f"train.out_dir={tmp_path / 'bf16'}"]
+    run(1, base + ["train.ep_size=1", "train.steps=4", f"train.out_dir={tmp_path / 'ref'}"], tmp_path / "log_ref")
+    run(1, ours + ["train.steps=2"], tmp_path / "log_a")
+    run(1, ours + ["train.steps=4"], tmp_path / "log_b")
+    assert "bf16 autocast, bf16 weights" in (tmp_path / "log_a/rank0.log").read_text()
+    assert "resumed from step_00000002 at step 2" in (tmp_path / "log_b/rank0.log").read_text()
+    ref, got = metrics(tmp_path / "ref"), metrics(tmp_path / "bf16")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref] and ref[0]["loss"] != ref[-1]["loss"]
+    assert [r["grad_norm"] for r in got] == [r["grad_norm"] for r in ref]
+    want, _ = load_full(tmp_path / "ref/checkpoints/step_00000004")
+    have, _ = load_full(tmp_path / "bf16/checkpoints/step_00000004")
+    assert want.keys() == have.keys()
+    for name in want:
+        assert have[name].dtype == torch.float32 and torch.equal(have[name], want[name]), name
+    w1 = have["blocks.1.mlp.routed_experts.w1"]
+    assert not torch.equal(w1, w1.bfloat16().float())  # the masters were written, not their bf16 copies
+    run(2, base + ["train.ep_size=2", "train.bf16_weights=true", "train.steps=2", f"train.out_dir={tmp_path / 'ep2'}"],
+        tmp_path / "log_ep2")
+    for a, b in zip(ref, metrics(tmp_path / "ep2")):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3), (a, b)
+
+
+def test_bf16_weights_config_errors():
+    def build(*over, world=1, on_gpu=False):
+        return build_ds_config(load_config(TINY, ["train.zero_stage=0", *over]).train, world, on_gpu=on_gpu)
+
+    assert build("train.fused_ema=true", "train.bf16_weights=true", on_gpu=True)["torch_autocast"]["enabled"]
+    for over, on_gpu, needle in [
+        (["train.bf16_weights=true", "train.precision=bf16"], False, "needs train.fused_ema=true"),
+        (["train.fused_ema=true", "train.bf16_weights=true"], False, "needs bf16 autocast .* on the CPU"),
+        (["train.fused_ema=true", "train.bf16_weights=true", "train.precision=fp32"], True, "needs bf16 autocast"),
+        (["train.fused_ema=true", "train.bf16_weights=true", "train.micro_batch=4"], True, "gradients would add up in bf16 over 4"),
+    ]:
+        with pytest.raises(ConfigError, match=f"train.bf16_weights: {needle}"):
+            build(*over, on_gpu=on_gpu)
+
+
 def test_noncontiguous_gradients_with_expert_parallel_are_refused():
     """DeepSpeed's contiguous_gradients=false path reduces expert gradients over all ranks (measured: ZeRO-1,
     ep_size 2, routed-expert weights off by 7e-4 after 3 steps); with ep_size 1 the file is fine."""

@@ -129,9 +129,10 @@ class ExpertGroup(nn.Module):
     (expert parallelism holds a slice); initialisation is seeded per (seed, global id), so a model
     built with any expert-parallel layout starts from the same weights."""
 
-    def __init__(self, num: int, dim: int, hidden: int, *, first_id: int = 0, seed: int = 0):
+    def __init__(self, num: int, dim: int, hidden: int, *, first_id: int = 0, seed: int = 0, shared: bool = False):
         super().__init__()
         self.num, self.dim, self.hidden, self.first_id, self.seed = num, dim, hidden, first_id, seed
+        self.shared = shared  # computed by forward_all (every token), not by a backend
         self.w1 = nn.Parameter(torch.empty(num, hidden, dim))
         self.b1 = nn.Parameter(torch.zeros(num, hidden))
         self.w2 = nn.Parameter(torch.empty(num, dim, hidden))
@@ -159,6 +160,11 @@ class ExpertGroup(nn.Module):
         w2 = self.w2.permute(1, 0, 2).reshape(self.dim, self.num * self.hidden)
         # keepdim: a [1, D] bias keeps its shape in the backward (torch.compile returns [D] otherwise)
         return F.linear(_gelu(F.linear(x, w1, self.b1.reshape(-1))), w2) + self.b2.sum(0, keepdim=True)
+
+    def gemm_operands(self) -> list[nn.Parameter]:
+        """The tensors that enter bf16 GEMMs under autocast: all four, but a shared group's output bias, which
+        forward_all adds in float32."""
+        return [self.w1, self.b1, self.w2] + ([] if self.shared else [self.b2])
 
     def extra_repr(self) -> str:
         return f"num={self.num}, dim={self.dim}, hidden={self.hidden}, first_id={self.first_id}"

@@ -162,7 +162,8 @@ class MoEMLP(nn.Module):
             raise ValueError(f"{spec.routed} routed experts cannot be split over ep_size={ep_size}")
         n_local = spec.routed // ep_size
         self.routed_experts = ExpertGroup(n_local, dim, hidden, first_id=ep_rank * n_local, seed=layer_seed)
-        self.shared_experts = ExpertGroup(spec.shared, dim, hidden, seed=layer_seed + 1) if spec.shared else None
+        self.shared_experts = (ExpertGroup(spec.shared, dim, hidden, seed=layer_seed + 1, shared=True)
+                               if spec.shared else None)
         self.uncond_experts = ExpertGroup(spec.uncond, dim, hidden, seed=layer_seed + 2) if spec.uncond else None
         if self.router.startswith("promoe"):
             self.prototypes = nn.Parameter(torch.randn(spec.routed, dim,

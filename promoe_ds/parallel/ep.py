@@ -189,7 +189,7 @@ def global_grad_norm(params: list[nn.Parameter], ep_size: int) -> torch.Tensor:
     def squares(grads):  # no gradient: a zero made on the device (copying a host tensor there would sync)
         if not grads:
             return torch.zeros((), device=device)
-        return torch.stack(torch._foreach_norm(grads)).float().square().sum()
+        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()  # bf16 ones too
 
     dense = squares([p.grad for p in held if getattr(p, "allreduce", True)])
     expert = squares([p.grad for p in held if not getattr(p, "allreduce", True)])
