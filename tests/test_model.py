@@ -380,9 +380,10 @@ def test_bf16_weights_compute_what_autocast_computes(device, backend):
 
     ref = build_model(tiny_cfg(**{"model.moe.experts": "E8A2S2U1"})).train().to(device)  # two shared experts
     ref.set_expert_backend(backend, device)
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in ref.parameters():  # zero-initialised weights get values, every weight a gradient
-            p.add_(torch.randn_like(p) * 0.02)
+            p.add_(torch.randn(p.shape, generator=gen).to(device) * 0.02)
         for p in gemm_operands(ref):
             p.copy_(p.bfloat16().float())
     ours = copy.deepcopy(ref)
@@ -392,8 +393,7 @@ def test_bf16_weights_compute_what_autocast_computes(device, backend):
         "y_embedder.weight", "blocks.1.mlp.prototypes", "blocks.1.mlp.shared_experts.b2"}  # not cast by autocast
     for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
         assert (master(p) is not p) == (n in bf16) and torch.equal(master(p), q), n
-    g = torch.Generator().manual_seed(0)
-    x, t = torch.randn(4, 4, 8, 8, generator=g).to(device), torch.rand(4, generator=g).to(device)
+    x, t = torch.randn(4, 4, 8, 8, generator=gen).to(device), torch.rand(4, generator=gen).to(device)
     y = torch.tensor([1, 10, 3, 4], device=device)
     losses, grads = [], []
     for model in (ref, ours):
