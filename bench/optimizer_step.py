@@ -77,7 +77,7 @@ def main():
                 "adamw(grad_scale, found_inf)": (step, False, True, True),
                 "norm, adamw(grad_scale), ema": (step_ema, False),
                 "norm, one pass adamw+ema": (step_ema, True),
-                "the same, bf16 grads -> bf16 weights": (step_ema, True, True)}
+                "norm, one pass, bf16 grads and weights": (step_ema, True, True)}
     variants = {k: v for k, v in variants.items() if args.only in k}
     for name, (fn, *flags) in list(variants.items()) * 2:
         print(f"{name:36s} {cuda_ms(lambda: fn(*flags), args.iters, warmup=3):7.2f} ms", flush=True)
