@@ -38,7 +38,7 @@ def keep_bf16_weights(model: nn.Module) -> None:
     ``p.master``: what AdamWEMA steps and checkpoints hold. The rest (label table, prototypes: the routing runs
     in float32) stays as it is."""
     for p in gemm_operands(model):
-        p.master = p.detach().clone()
+        p.master = p.data  # the float32 storage itself (a copy would leave the original's memory to the cache)
         p.data = p.data.to(torch.bfloat16)
 
 
