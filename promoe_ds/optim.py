@@ -10,7 +10,9 @@ bandwidth (ProMoE-XL: 1567M parameters against dense DiT-XL's 675M, docs/speed.m
 in bf16 (``keep_bf16_weights``), AdamW steps their float32 masters, and the same pass writes the bf16 copies.
 A step then neither casts those weights in the forward (4 bytes read, 2 written per weight) nor their bf16
 gradients back to float32 in the backward (2 read, 4 written); the gradient norm and AdamW read 2-byte
-gradients and the pass writes 2 bytes more: ~12 bytes fewer per such weight and step. The arithmetic is
+gradients and the pass writes 2 bytes more: ~12 bytes fewer per weight and step where the casts were kernels
+of their own (expert weights are cast where their bias columns are appended, which stays as a bf16 copy:
+~4 bytes there; measured in docs/speed.md). The arithmetic is
 autocast's: the forward sees bf16(master) either way, the gradient is the same bf16 tensor, and the master
 steps in float32.
 """
@@ -20,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from promoe_ds.models.experts import ExpertGroup
+
 
 def gemm_operands(model: nn.Module) -> list[nn.Parameter]:
     """The parameters bf16 autocast casts to bf16 at every forward: those of linear and conv layers, and the
