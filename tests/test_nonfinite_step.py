@@ -76,6 +76,7 @@ CASES = {
     "zero1-gas2": (1, 2, 0, float("nan")),  # ZeRO-1: gradients reduced at the boundary only
     "zero0-gas2": (0, 2, 1, float("inf")),  # ZeRO-0: the skip is the fused AdamW's found_inf (train.clip_in_adamw)
     "zero0-fused-gas2": (0, 2, 1, float("inf")),  # train.fused_ema: AdamWEMA skips on the host's overflow flag
+    "zero0-fused-bf16-gas1": (0, 1, 0, float("nan")),  # train.bf16_weights: no bf16 copy written, masters untouched
     "abort": (2, 1, 0, float("nan")),       # train.max_bad_steps=1
     "zero2-warmup": (2, 1, 0, float("nan")),  # WARMUP: LR warm-up, logs and a checkpoint only after step 4
     "zero0-warmup": (0, 1, 0, float("nan")),  # ZeRO-0 (the skip reported to DeepSpeed by the trainer)
@@ -96,6 +97,8 @@ def runs(tmp_path_factory):
             "objective.class_dropout=0.25", f"train.out_dir={d / 'run'}"]
         if "fused" in name:
             overrides.append("train.fused_ema=true")
+        if "bf16" in name:
+            overrides += ["train.bf16_weights=true", "train.precision=bf16"]
         if name == "abort":
             overrides.append("train.max_bad_steps=1")
         if name.endswith("-warmup"):
@@ -138,10 +141,12 @@ def engine_counters(tag_dir):
     return m["global_steps"], m["skipped_steps"]
 
 
-@pytest.mark.parametrize("name", ["zero2-gas1", "zero2-gas2", "zero1-gas2", "zero0-gas2", "zero0-fused-gas2"])
+@pytest.mark.parametrize("name", ["zero2-gas1", "zero2-gas2", "zero1-gas2", "zero0-gas2", "zero0-fused-gas2",
+                                  "zero0-fused-bf16-gas1"])
 def test_nonfinite_step_leaves_weights_optimizer_and_ema_untouched(runs, name):
     out, log, codes = finish(runs, name)
     assert codes == [0, 0], (log / "rank0.log").read_text()[-3000:]
+    assert ("bf16 autocast, bf16 weights" in (log / "rank0.log").read_text()) == ("bf16" in name)
     tags = [out / f"checkpoints/step_{s:08d}" for s in (1, 2, 3)]
     s1, s2, s3 = map(saved_state, tags)
     assert s1.keys() == s2.keys() == s3.keys() and any(":ema" in k for k in s1) and any(":exp_avg" in k for k in s1)
