@@ -103,7 +103,7 @@ def test_bf16_weights_step_their_float32_masters():
         net = Net()
         return net, [*net.a.parameters(), *net.b.parameters(), net.table]
 
-    ref_net, ref = build()
+    _, ref = build()
     net, ours = build()
     keep_bf16_weights(net)
     assert [p.dtype for p in ours] == [torch.bfloat16] * 3 + [torch.float32] and master(ours[3]) is ours[3]

@@ -375,15 +375,16 @@ def test_bf16_weights_train_bit_for_bit_as_autocast_and_resume(tmp_path):
 
 
 def test_bf16_weights_config_errors():
-    def build(*over, world=1, on_gpu=False):
-        return build_ds_config(load_config(TINY, ["train.zero_stage=0", *over]).train, world, on_gpu=on_gpu)
+    def build(*over, on_gpu=False):
+        return build_ds_config(load_config(TINY, ["train.zero_stage=0", *over]).train, 1, on_gpu=on_gpu)
 
     assert build("train.fused_ema=true", "train.bf16_weights=true", on_gpu=True)["torch_autocast"]["enabled"]
     for over, on_gpu, needle in [
         (["train.bf16_weights=true", "train.precision=bf16"], False, "needs train.fused_ema=true"),
         (["train.fused_ema=true", "train.bf16_weights=true"], False, "needs bf16 autocast .* on the CPU"),
         (["train.fused_ema=true", "train.bf16_weights=true", "train.precision=fp32"], True, "needs bf16 autocast"),
-        (["train.fused_ema=true", "train.bf16_weights=true", "train.micro_batch=4"], True, "gradients would add up in bf16 over 4"),
+        (["train.fused_ema=true", "train.bf16_weights=true", "train.micro_batch=4"], True,
+         "gradients would add up in bf16 over 4"),
     ]:
         with pytest.raises(ConfigError, match=f"train.bf16_weights: {needle}"):
             build(*over, on_gpu=on_gpu)
