@@ -11,7 +11,9 @@ and stop (the Slurm template requeues the job on 99).
 from __future__ import annotations
 
 import json
+import os
 import signal
+import time
 import sys
 from pathlib import Path
 
@@ -140,6 +142,27 @@ class StopFlag:
         return stop
 
 
+def use_compile_cache(setting: str, out_dir: Path) -> str:
+    """train.compile_cache -> the directory inductor keeps its compiled graphs and kernels in (it reads
+    TORCHINDUCTOR_CACHE_DIR at every compilation). ``auto``: ``<out_dir>/compile_cache``, which a resumed or
+    requeued run finds again on any node that sees ``out_dir``; ``none``: inductor's own choice (the environment's
+    TORCHINDUCTOR_CACHE_DIR, else node-local /tmp); else that path."""
+    if setting != "none":
+        path = out_dir / "compile_cache" if setting == "auto" else Path(setting)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path.absolute())
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
+
+
+def compile_report() -> str:
+    """How this process's compilations went so far: graphs inductor found in its cache / compiled."""
+    from torch._dynamo.utils import counters
+
+    hit, miss = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+    return f" (torch.compile: {hit} of {hit + miss} graphs from the cache)"
+
+
 def train(cfg: Config) -> int:
     stop = StopFlag()  # first: a preemption signal during start-up must not kill the process
     info = init_distributed()
@@ -208,7 +231,11 @@ def train(cfg: Config) -> int:
 
     forward = engine
     if t.compile:
+        cache = use_compile_cache(t.compile_cache, out_dir)
         forward = compile_model(engine.module, cuda_graphs=t.cuda_graphs)
+        if rank == 0:
+            print(f"torch.compile: the first steps compile (minutes for the XL presets, less from a warm cache); "
+                  f"cache {cache}", flush=True)
     counts = count_params(m)
     logger = MetricsLogger(out_dir, rank, device, t.global_batch, world,
                            train_flops_per_image(m, counts["activated_params"]), cfg.wandb, to_dict(cfg))
@@ -244,6 +271,7 @@ def train(cfg: Config) -> int:
 
     bad_in_a_row, skipped = 0, 0
     step = start
+    started = time.perf_counter()
     data_state = data.state_dict()  # where a checkpoint of the last finished step resumes reading
     batch = micro_batch(step, 0) if step < t.steps else None
     while step < t.steps:
@@ -306,6 +334,8 @@ def train(cfg: Config) -> int:
         applied = engine.was_step_applied()
         bad = bad_read.get().item() == 0
         step += 1
+        if step == start + 1 and rank == 0:
+            print(f"step {step}: {time.perf_counter() - started:.1f} s{compile_report() if t.compile else ''}", flush=True)
         logger.step()
         if bad and applied:
             raise RuntimeError(f"step {step}: DeepSpeed applied an update with non-finite gradients (its optimizer "

@@ -1,6 +1,7 @@
 """Distributed training on the real DeepSpeed engine, several gloo processes on the CPU."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -302,14 +303,24 @@ def test_compiled_expert_parallel_only_exchanges_run_eagerly():
             assert loss_err < 1e-4 and grad_err < 3e-2, (rank, worst)
 
 
-def test_compiled_training_matches_eager(tmp_path):
+def test_compiled_training_matches_eager_and_resumes_from_its_compile_cache(tmp_path):
     # train.compile=true: the model under torch.compile inside the DeepSpeed engine, the all-to-all
-    # dispatch (host-side split sizes) and the loop experts running eagerly between compiled parts
-    steps = ["train.steps=3", "train.ckpt_every=0", "train.ep_size=2"]
-    run(2, COMMON + steps + [f"train.out_dir={tmp_path / 'eager'}"], tmp_path / "log_eager")
-    run(2, COMMON + steps + [f"train.out_dir={tmp_path / 'compiled'}", "train.compile=true"], tmp_path / "log_c")
-    eager, compiled = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
-    assert [r["step"] for r in compiled] == [1, 2, 3]
+    # dispatch (host-side split sizes) and the loop experts running eagerly between compiled parts.
+    # train.compile_cache=auto keeps inductor's cache in <out_dir>/compile_cache: the resumed run loads its
+    # graphs from there instead of compiling them again
+    common = COMMON + ["train.ckpt_every=3", "train.ep_size=2"]
+    run(2, common + ["train.steps=5", f"train.out_dir={tmp_path / 'eager'}"], tmp_path / "log_eager")
+    out = tmp_path / "compiled"
+    compiled = common + [f"train.out_dir={out}", "train.compile=true"]
+    run(2, compiled + ["train.steps=3"], tmp_path / "log_c")
+    assert any((out / "compile_cache").rglob("*.py")), "no compiled code in <out_dir>/compile_cache"
+    run(2, compiled + ["train.steps=5"], tmp_path / "log_resumed")
+    log = (tmp_path / "log_resumed" / "rank0.log").read_text()
+    assert "resumed from" in log
+    hits = re.search(r"step 4: [\d.]+ s \(torch.compile: (\d+) of \d+ graphs from the cache\)", log)
+    assert hits and int(hits[1]) > 0, log[-2000:]
+    eager, compiled = metrics(tmp_path / "eager"), metrics(out)
+    assert [r["step"] for r in compiled] == [1, 2, 3, 4, 5]
     for a, b in zip(eager, compiled):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["rcl"] == pytest.approx(a["rcl"], rel=1e-4)
 
