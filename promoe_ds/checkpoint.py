@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from promoe_ds.config import ConfigError
+from promoe_ds.config import ConfigError, model_config_diff
 from promoe_ds.models.moe import routed_expert_layer
 from promoe_ds.optim import master
 
@@ -95,6 +96,9 @@ def save(engine, model, ema, ckpt_dir: Path, step: int, meta: dict, rank_state: 
         _atomic_write_text(tag + "\n", ckpt_dir / LATEST)
         for old in complete_tags(ckpt_dir)[:-keep_last]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        for d in ckpt_dir.glob("step_*"):  # tags a crash left half-written (no meta.json): never resumed from
+            if d.is_dir() and d.name != tag and not (d / META).is_file():
+                shutil.rmtree(d, ignore_errors=True)
     dist.barrier()
     return tag_dir
 
@@ -128,24 +132,56 @@ def check_layout(meta: dict, world_size: int, ep_size: int, zero_stage: int, tag
             "with train.init_from=FILE train.resume=none (weights and EMA carry over, optimizer state restarts)")
 
 
+def read_meta(tag_dir: Path) -> dict:
+    try:
+        return json.loads((tag_dir / META).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"checkpoint {str(tag_dir)!r}: {META} is unreadable ({e})") from None
+
+
+def _unreadable(tag_dir: Path, what: str, e: Exception) -> ConfigError:
+    """A tag whose files cannot be read (truncated, corrupt, missing): the error names the complete tag before it."""
+    earlier = [t for t in complete_tags(tag_dir.parent) if t < tag_dir.name]
+    hint = (f"resume from the one before with train.resume={tag_dir.parent / earlier[-1]}" if earlier
+            else "no earlier complete checkpoint in this run")
+    reason = str(e).strip().split("\n")[0].split(". ")[0]  # torch's first sentence names the failure
+    return ConfigError(f"checkpoint {str(tag_dir)!r}: {what} is unreadable ({type(e).__name__}: {reason}); {hint}")
+
+
+def _read(path: Path, tag_dir: Path, weights_only: bool = True):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # truncated or corrupt: torch raises RuntimeError, EOFError, UnpicklingError, ...
+        raise _unreadable(tag_dir, f"promoe/{path.name}", e) from None
+
+
 @torch.no_grad()
 def load(engine, model, ema, tag_dir: Path, *, rank: int, ep_rank: int) -> tuple[dict, dict]:
-    """Restore engine, weights, EMA; returns (meta, this rank's state)."""
-    meta = json.loads((tag_dir / META).read_text())
-    engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    """Restore engine, weights, EMA; returns (meta, this rank's state). A file that cannot be read, or weights of
+    other shapes than the model's (other model settings), is a ConfigError."""
+    meta = read_meta(tag_dir)
     own = tag_dir / "promoe"
-    state = torch.load(own / "dense.pt", map_location="cpu", weights_only=True)
+    state = _read(own / "dense.pt", tag_dir)
     expert_file = own / f"experts_ep{ep_rank:04d}.pt"
     if expert_file.is_file():
-        state.update(torch.load(expert_file, map_location="cpu", weights_only=True)["params"])
+        state.update(_read(expert_file, tag_dir)["params"])
+    rank_state = _read(own / f"rank{rank:05d}.pt", tag_dir, weights_only=False)
     params = dict(model.named_parameters())
     missing = [n for n in params if n not in state]
     if missing:
         raise ConfigError(f"checkpoint {str(tag_dir)!r} lacks {len(missing)} parameters, e.g. {missing[0]}")
     for name, p in params.items():
+        if state[name]["model"].shape != p.shape:
+            raise ConfigError(f"checkpoint {str(tag_dir)!r} holds {name} of shape {list(state[name]['model'].shape)}, "
+                              f"this model's is {list(p.shape)}: other model settings than the run that wrote it"
+                              f"{model_config_diff(meta['config']['model'], model.cfg, 'the checkpoint')}")
+    try:
+        engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise _unreadable(tag_dir, "DeepSpeed's state", e) from None
+    for name, p in params.items():
         p.copy_(state[name]["model"])
         if master(p) is not p:  # a bf16 weight (train.bf16_weights): its float32 master too
             master(p).copy_(state[name]["model"])
     ema.load_state_dict({n: state[n]["ema"] for n in ema.names})
-    rank_state = torch.load(own / f"rank{rank:05d}.pt", map_location="cpu", weights_only=False)
     return meta, rank_state

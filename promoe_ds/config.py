@@ -8,6 +8,7 @@ explicitly in the file or on the command line override it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -176,7 +177,9 @@ _CHOICES = {
 _POSITIVE = ("model.input_size", "model.in_channels", "model.patch_size", "model.depth", "model.hidden_size",
              "model.num_heads", "model.num_classes", "model.moe.every", "train.steps", "train.global_batch",
              "train.ep_size", "train.log_every", "train.profile_steps", "train.keep_last", "train.max_bad_steps",
-             "model.moe.rcl_tau", "model.mlp_ratio", "objective.diffusion_steps")
+             "model.moe.rcl_tau", "model.mlp_ratio", "objective.diffusion_steps", "train.lr")
+_NON_NEGATIVE = ("train.ckpt_every", "train.profile_at", "train.warmup_steps", "train.micro_batch", "train.grad_clip",
+                 "train.weight_decay", "data.num_workers")
 
 
 def _coerce(key: str, value, typ):
@@ -284,9 +287,14 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"model.moe.experts: router {m.moe.router!r} has no unconditional experts ({spec})")
     if not 0.0 <= cfg.objective.class_dropout < 1.0:
         raise ConfigError(f"objective.class_dropout: must be in [0, 1), got {cfg.objective.class_dropout}")
-    for key in ("train.ckpt_every", "train.profile_at"):
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
+    for key in _NON_NEGATIVE:
+        if not _get(cfg, key) >= 0:
+            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)!r}")
+    if not math.isfinite(cfg.train.lr):
+        raise ConfigError(f"train.lr: must be finite, got {cfg.train.lr!r}")
+    betas = cfg.train.betas
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"train.betas: must be two numbers in [0, 1), got {list(betas)}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
     if cfg.train.cuda_graphs and not cfg.train.compile:
@@ -326,6 +334,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
+
+
+def model_config_diff(theirs: dict, ours: ModelConfig, where: str) -> str:
+    """`` (model.k: X in <where>, Y here; ...)`` for the model settings (a ModelConfig as a dict, from a checkpoint
+    or an exported file) that differ from ``ours``, preset names aside; "" when none does."""
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+
+    a, b = dict(flat(theirs)), dict(flat(to_dict(ours)))
+    diff = [f"model.{k}: {a.get(k)!r} in {where}, {b.get(k)!r} here" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and k != "preset"]
+    return f" ({'; '.join(diff)})" if diff else ""
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:

@@ -51,6 +51,8 @@ import torch.nn.functional as F
 import webdataset as wds
 from webdataset.tariterators import group_by_keys
 
+from promoe_ds.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -113,16 +115,21 @@ class SyntheticSource:
         return {"step": self.step}
 
     def load_state_dict(self, d):
-        self.step = int(d["step"])
+        if "step" not in d:  # the checkpoint's run read shards (data.source changed)
+            log.warning("data.source changed since the checkpoint: synthetic latents from their start")
+        self.step = int(d.get("step", 0))
 
 
 def read_manifest(root: Path) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"data.path: {path} does not exist (write shards with `python -m data_prep.encode`)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"data.path: {path} is not a {FORMAT} manifest (format={manifest.get('format')!r})")
+        raise ConfigError(f"data.path: {path} does not exist (write shards with `python -m data_prep.encode`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"data.path: {path} is not valid JSON ({e}); rewrite it with python -m data_prep.encode") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ConfigError(f"data.path: {path} is not a {FORMAT} manifest")
     return manifest
 
 
@@ -159,11 +166,12 @@ class _Plan:
     """What every process needs to produce its epochs (picklable, shipped to DataLoader workers)."""
 
     def __init__(self, shards, counts, *, rank, world_size, workers, micro_batch, seed, resampled,
-                 shuffle_buffer, latent_shape, scale):
+                 shuffle_buffer, latent_shape, scale, num_classes):
         self.shards, self.counts = shards, counts
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.micro_batch, self.seed, self.resampled = micro_batch, seed, resampled
         self.shuffle_buffer, self.latent_shape, self.scale = shuffle_buffer, latent_shape, scale
+        self.num_classes = num_classes
         self._good_headers: set[bytes] = set()
 
     def slot_shards(self, epoch: int, worker: int) -> list[int]:
@@ -216,6 +224,12 @@ class _Plan:
             self._good_headers.add(header)
         return np.frombuffer(data, np.float16, offset=len(header)).reshape(shape)
 
+    def _label(self, data: bytes) -> int:
+        label = int(data)
+        if not 0 <= label < self.num_classes:  # num_classes itself is the null label: never a sample's class
+            raise ValueError(f"class {label} is not in [0, {self.num_classes})")
+        return label
+
     def _decode(self, chunk, seed, errors):
         """Samples -> (z, labels): one random view each, z = (mean + exp(logvar / 2) * eps) * scale."""
         g = torch.Generator().manual_seed(seed)
@@ -226,7 +240,7 @@ class _Plan:
             try:
                 stats[len(labels), 0] = self._npy(s["mean.npy"])[v]
                 stats[len(labels), 1] = self._npy(s["logvar.npy"])[v]
-                labels.append(int(s["cls"]))
+                labels.append(self._label(s["cls"]))
             except (KeyError, ValueError, OSError, EOFError) as e:
                 errors["bad_samples"] += 1
                 log.warning("skipping sample %s in %s: %s: %s", s.get("__key__"), s.get("__url__"), type(e).__name__, e)
@@ -266,19 +280,19 @@ class ShardSource:
         root = Path(cfg.path)
         manifest = read_manifest(root)
         if tuple(manifest["latent_shape"]) != latent_shape:
-            raise ValueError(f"data.path: latents in {root} are {manifest['latent_shape']}, the model "
+            raise ConfigError(f"data.path: latents in {root} are {manifest['latent_shape']}, the model "
                              f"expects {list(latent_shape)} (model.in_channels / model.input_size)")
         if manifest["num_classes"] > num_classes:
-            raise ValueError(f"data.path: {root} has {manifest['num_classes']} classes, model.num_classes is {num_classes}")
+            raise ConfigError(f"data.path: {root} has {manifest['num_classes']} classes, model.num_classes is {num_classes}")
         shards = [(root / s["name"], s["samples"]) for s in manifest["shards"]]
         missing = [str(p) for p, _ in shards if not p.is_file()]
         if missing:
             log.warning("%d of %d shards are missing and left out, e.g. %s", len(missing), len(shards), missing[0])
         shards = [(p, n) for p, n in shards if str(p) not in missing]
         if not shards:
-            raise FileNotFoundError(f"data.path: none of the {len(missing)} shards of {root / MANIFEST} exist")
+            raise ConfigError(f"data.path: none of the {len(missing)} shards of {root / MANIFEST} exist")
         if not cfg.resampled and len(shards) < world_size:
-            raise ValueError(f"data.resampled=false needs at least one shard per rank: {len(shards)} shards "
+            raise ConfigError(f"data.resampled=false needs at least one shard per rank: {len(shards)} shards "
                              f"for {world_size} ranks (use resampled=true or more, smaller shards)")
         workers = max(1, cfg.num_workers)
         if not cfg.resampled and len(shards) < world_size * workers and rank == 0:
@@ -286,7 +300,7 @@ class ShardSource:
         self.plan = _Plan([p for p, _ in shards], [n for _, n in shards], rank=rank, world_size=world_size,
                           workers=workers, micro_batch=micro_batch, seed=seed, resampled=cfg.resampled,
                           shuffle_buffer=cfg.shuffle_buffer, latent_shape=latent_shape,
-                          scale=float(manifest["scale_factor"]))
+                          scale=float(manifest["scale_factor"]), num_classes=num_classes)
         self.root, self.num_workers = root, cfg.num_workers
         names = "\n".join(p.name for p in self.plan.shards)
         self.layout = {"world_size": world_size, "num_workers": cfg.num_workers, "micro_batch": micro_batch,
@@ -324,7 +338,7 @@ class ShardSource:
             self._it = iter(loader)
         if self._pulled == self._epoch_len():
             if self._check_empty and not self._epoch_samples:
-                raise RuntimeError(f"data.path: epoch {self._epoch} of rank {self.plan.rank} read no sample from "
+                raise ConfigError(f"data.path: epoch {self._epoch} of rank {self.plan.rank} read no sample from "
                                    f"{self.root} ({self.stats['bad_shards']} shard failures; see the warnings)")
             self._epoch, self._pulled, self._epoch_samples, self._check_empty = self._epoch + 1, 0, 0, True
             self.stats["epoch"] = self._epoch
@@ -352,7 +366,10 @@ class ShardSource:
 
     def load_state_dict(self, d):
         self._it, self._carry, self._epoch_samples = None, None, 0
-        if d.get("layout") == self.layout:
+        if "epoch" not in d:  # the checkpoint's run read synthetic latents (data.source changed)
+            log.warning("data.source changed since the checkpoint: reading %s from its first epoch", self.root)
+            self._epoch, self._pulled, self._drop = 0, 0, 0
+        elif d.get("layout") == self.layout:
             self._epoch, self._pulled, self._drop = int(d["epoch"]), int(d["batch"]), int(d["offset"])
         else:
             log.warning("data layout changed since the checkpoint (%s -> %s): restarting epoch %d from its start",

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from promoe_ds.config import ConfigError
+
 # dense bf16 peak of the GPUs MFU is reported for (TFLOP/s)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0}
 
@@ -41,13 +43,17 @@ class MetricsLogger:
         self.load = None
         self.n = self.steps = 0
         self.t0 = time.time()
-        self.jsonl = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
         self.wandb = None
         if rank == 0 and wandb_cfg.mode != "disabled":
             import wandb
 
-            self.wandb = wandb.init(mode=wandb_cfg.mode, project=wandb_cfg.project, name=wandb_cfg.name or None,
-                                    dir=wandb_cfg.dir or str(out_dir), config=run_config, resume="allow")
+            try:
+                self.wandb = wandb.init(mode=wandb_cfg.mode, project=wandb_cfg.project, name=wandb_cfg.name or None,
+                                        dir=wandb_cfg.dir or str(out_dir), config=run_config, resume="allow")
+            except wandb.errors.Error as e:  # no API key, no network, a bad project name
+                raise ConfigError(f"wandb.mode={wandb_cfg.mode}: {e} (log in with `wandb login` or set "
+                                  "WANDB_API_KEY, or use wandb.mode=offline)") from None
+        self.jsonl = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
 
     def add(self, scalars: dict[str, torch.Tensor], counts: torch.Tensor | None, keep: torch.Tensor) -> None:
         """One micro-batch's scalars and expert load, left out where ``keep`` (a 0/1 tensor) is 0. Everything

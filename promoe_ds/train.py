@@ -41,6 +41,10 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> None:
     t, moe = cfg.train, cfg.model.moe
     if t.cuda_graphs and device.type != "cuda":
         raise ConfigError(f"train.cuda_graphs: needs CUDA GPUs (this run is on {device.type})")
+    try:
+        Path(t.out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"train.out_dir: cannot create {t.out_dir!r} ({e.strerror})") from None
     if cfg.data.source == "wds" and not (Path(cfg.data.path) / "manifest.json").is_file():
         raise ConfigError(f"data.path: no manifest.json in {cfg.data.path!r} (make shards with python -m data_prep.encode)")
     if world_size % t.ep_size:
@@ -121,15 +125,21 @@ def finish(logger: MetricsLogger) -> None:
 
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 -> checkpoint at the end of the next step, then exit 99."""
+    """SIGTERM / SIGUSR1 / Ctrl-C (SIGINT) -> checkpoint at the end of the next step, then exit 99. A second
+    Ctrl-C interrupts at once (KeyboardInterrupt), without a checkpoint."""
 
     def __init__(self):
         self.set = False
         self.pending = None  # the last call's all-reduced flag
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.set:
+                raise KeyboardInterrupt
+            print("Ctrl-C: checkpointing after the next step, then stopping (again: stop at once)", file=sys.stderr,
+                  flush=True)
         self.set = True
 
     def agreed(self, device) -> bool:
@@ -181,15 +191,17 @@ def train(cfg: Config) -> int:
     ckpt_dir = out_dir / "checkpoints"
     resume_dir = ckpt.find_resume(ckpt_dir, t.resume)
     if resume_dir is not None:
-        meta = json.loads((resume_dir / ckpt.META).read_text())
+        meta = ckpt.read_meta(resume_dir)
         ckpt.check_layout(meta, world, t.ep_size, zero_stage, resume_dir)
     m = cfg.model
     latent_shape = (m.in_channels, m.input_size, m.input_size)
     data = build_latent_source(cfg.data, latent_shape=latent_shape, num_classes=m.num_classes, micro_batch=micro,
                                rank=rank, world_size=world, seed=t.seed)
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    counts = count_params(m)
+    logger = MetricsLogger(out_dir, rank, device, t.global_batch, world,
+                           train_flops_per_image(m, counts["activated_params"]), cfg.wandb, to_dict(cfg))
 
     is_moe = m.moe.router != "none"
     ep_rank = create_groups(t.ep_size) if is_moe else 0
@@ -236,9 +248,6 @@ def train(cfg: Config) -> int:
         if rank == 0:
             print(f"torch.compile: the first steps compile (minutes for the XL presets, less from a warm cache); "
                   f"cache {cache}", flush=True)
-    counts = count_params(m)
-    logger = MetricsLogger(out_dir, rank, device, t.global_batch, world,
-                           train_flops_per_image(m, counts["activated_params"]), cfg.wandb, to_dict(cfg))
     precision = ("bf16 autocast" + (", bf16 weights" if t.bf16_weights else "")) if bf16 else "fp32"
     if rank == 0:
         print(f"promoe-ds {promoe_ds.__version__}: {m.preset or 'custom'} "

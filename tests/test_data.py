@@ -3,6 +3,7 @@
 Fake shards store sample k as mean = +(k+1) in view 0 and -(k+1) in view 1 with logvar = -30, so a
 returned latent z = +-(k+1) * scale identifies both the sample and the view.
 """
+import io
 import logging
 import tarfile
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from data_prep.encode import write_manifest, write_shard
-from promoe_ds.config import DataConfig
+from promoe_ds.config import ConfigError, DataConfig
 from promoe_ds.data import _tar_members, build_latent_source
 
 SHAPE = (4, 4, 4)
@@ -163,19 +164,60 @@ def test_bad_shards_are_skipped_and_counted(tmp_path, caplog):
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere" / "manifest.json")):
+    """Input mistakes are ConfigErrors (one `error:` line from the CLI), naming data.path and the file."""
+    with pytest.raises(ConfigError, match=str(tmp_path / "nowhere" / "manifest.json")):
         source(tmp_path / "nowhere")
     make_shards(tmp_path, [3, 4])
-    with pytest.raises(ValueError, match="latents in"):
+    with pytest.raises(ConfigError, match="latents in"):
         source(tmp_path, shape=(4, 8, 8))
+    manifest = (tmp_path / "manifest.json").read_text()
+    (tmp_path / "manifest.json").write_text(manifest[:40])
+    with pytest.raises(ConfigError, match="manifest.json is not valid JSON"):
+        source(tmp_path)
+    (tmp_path / "manifest.json").write_text(manifest)
     for p in tmp_path.glob("*.tar"):
         p.write_bytes(b"garbage" * 600)
-    with pytest.raises(RuntimeError, match="read no sample"):
+    with pytest.raises(ConfigError, match="read no sample"):
         source(tmp_path, workers=2).next_batch()
     for p in tmp_path.glob("*.tar"):
         p.unlink()
-    with pytest.raises(FileNotFoundError, match="none of the 2 shards"):
+    with pytest.raises(ConfigError, match="none of the 2 shards"):
         source(tmp_path)
+
+
+def test_samples_with_a_class_out_of_range_are_skipped(tmp_path, caplog):
+    """A label outside [0, num_classes) (num_classes itself would silently be the null label) is a bad sample."""
+    make_shards(tmp_path, [6])
+    shard = tmp_path / "shard-000000.tar"
+    members = list(_tar_members(shard))
+    bad = {f"{k:08d}" for k in (1, 4)}
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:  # the same shard with two classes out of range: CLASSES and 57
+        for m in members:
+            data = m["data"]
+            if m["fname"].endswith(".cls") and m["fname"].split(".")[0] in bad:
+                data = str(CLASSES if m["fname"].startswith("00000001") else 57).encode()
+            info = tarfile.TarInfo(m["fname"])
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    src = source(tmp_path, workers=0, micro=1, buffer=1, resampled=False)
+    with caplog.at_level(logging.WARNING):
+        seen = epoch_samples(src)
+    assert sorted(i for i, _ in seen) == [0, 2, 3, 5]
+    assert src.stats["bad_samples"] == 2 and "is not in [0, 5)" in caplog.text
+
+
+def test_a_checkpoint_of_the_other_source_kind_starts_from_the_beginning(tmp_path, caplog):
+    """data.source changed between a checkpoint and its resume: a warning, then reading from the start."""
+    make_shards(tmp_path, [3, 4])
+    synthetic, shards = source(tmp_path, kind="synthetic"), source(tmp_path)
+    first = shards.next_batch()
+    synthetic.next_batch()
+    with caplog.at_level(logging.WARNING):
+        shards.load_state_dict(synthetic.state_dict())
+        source(tmp_path, kind="synthetic").load_state_dict(shards.state_dict())
+    assert caplog.text.count("data.source changed since the checkpoint") == 2
+    again = shards.next_batch()
+    assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
 
 
 def test_fast_tar_reader_matches_tarfile(tmp_path):

@@ -1,6 +1,7 @@
 """Model core: config, presets/parameter counts, and the ProMoE layer against Algorithm 1."""
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -234,6 +235,13 @@ def test_config_errors(tmp_path):
         load_config(overrides=["train.cuda_graphs=true", "train.compile=true", "train.ep_size=2"])
     with pytest.raises(ConfigError, match="train.profile_steps: must be > 0"):
         load_config(overrides=["train.profile_steps=0"])
+    for bad, message in [("train.lr=-1", "train.lr: must be > 0"), ("train.lr=nan", "train.lr: must be > 0"),
+                         ("train.lr=inf", "train.lr: must be finite"), ("train.betas=[0.9]", "train.betas: must be two"),
+                         ("train.betas=[2,3]", "train.betas: must be two"), ("train.grad_clip=-1", "train.grad_clip"),
+                         ("train.warmup_steps=-5", "train.warmup_steps"), ("train.micro_batch=-4", "train.micro_batch"),
+                         ("train.weight_decay=nan", "train.weight_decay"), ("data.num_workers=-1", "data.num_workers")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(overrides=[bad])
     f = tmp_path / "c.yaml"
     f.write_text("model:\n  preset: ProMoE-S\n  depth: 4\n  moe:\n    experts: E6A2S1U1\n")
     cfg = load_config(f, ["model.moe.rcl_weight=10"])

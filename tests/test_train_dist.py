@@ -325,7 +325,7 @@ def test_compiled_training_matches_eager_and_resumes_from_its_compile_cache(tmp_
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["rcl"] == pytest.approx(a["rcl"], rel=1e-4)
 
 
-def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
+def test_sigterm_or_ctrl_c_then_resume_matches_uninterrupted(tmp_path):
     # the cut lands a few steps after the poll sees step 3 (tiny steps are fast; the stop flag is read one
     # step late): n leaves room for that on a loaded machine (CI once stopped at step 8 of 8)
     n = 16
@@ -341,13 +341,16 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
         if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 3:
             break
         time.sleep(0.2)
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
+    procs[0].send_signal(signal.SIGTERM)  # a scheduler's preemption
+    procs[1].send_signal(signal.SIGINT)  # Ctrl-C
     codes = [p.wait(timeout=300) for p in procs]
-    assert codes == [99, 99], (tmp_path / "logcut/rank0.log").read_text()[-3000:]
+    assert codes == [99, 99], (tmp_path / "logcut/rank1.log").read_text()[-3000:]
     stopped = int((out / "checkpoints/latest").read_text().strip().split("_")[1])
     assert 3 <= stopped < n
+    half_written = out / "checkpoints" / f"step_{n + 1:08d}"  # what a crash during a save leaves: no meta.json
+    (half_written / "promoe").mkdir(parents=True)
     run(2, COMMON + steps + [f"train.out_dir={out}"], tmp_path / "logres")
+    assert not half_written.exists()
     assert f"resumed from step_{stopped:08d} at step {stopped}" in (tmp_path / "logres/rank0.log").read_text()
     resumed = {r["step"]: r["loss"] for r in metrics(out) if r["step"] > stopped}
     assert sorted(resumed) == list(range(stopped + 1, n + 1))
@@ -423,6 +426,29 @@ def test_deepspeed_throughput_timer_is_off_unless_the_base_json_asks(tmp_path):
     assert get_timers_config(timed).enabled is True
 
 
+def test_resume_errors_name_the_checkpoint_and_what_to_do(tmp_path):
+    """Resuming with other model settings, or from a tag with a truncated file: one `error:` line (exit 2)."""
+    out = tmp_path / "run"
+    base = COMMON + ["train.ep_size=1", "train.zero_stage=0", "train.steps=2", "train.ckpt_every=1",
+                     f"train.out_dir={out}"]
+    run(1, base, tmp_path / "log")
+
+    (tmp_path / "log_resume").mkdir()
+
+    def resume(*overrides):
+        procs = launch(1, base + ["train.steps=3", *overrides], log_dir=tmp_path / "log_resume")
+        assert procs[0].wait(timeout=300) == 2
+        return [line for line in (tmp_path / "log_resume/rank0.log").read_text().splitlines() if "error:" in line]
+
+    err = resume("model.hidden_size=32")
+    assert len(err) == 1 and "step_00000002' holds" in err[0] and "model.hidden_size: 64 in the checkpoint, 32 here" in err[0]
+    dense = out / "checkpoints/step_00000002/promoe/dense.pt"
+    dense.write_bytes(dense.read_bytes()[:1000])
+    err = resume()
+    assert len(err) == 1 and "promoe/dense.pt is unreadable" in err[0], err
+    assert f"train.resume={out / 'checkpoints/step_00000001'}" in err[0], err
+
+
 @pytest.mark.parametrize("override,needle", [
     ("train.ep_size=3", "train.ep_size"),
     ("train.global_batch=7 train.micro_batch=2", "train.global_batch"),
@@ -431,6 +457,8 @@ def test_deepspeed_throughput_timer_is_off_unless_the_base_json_asks(tmp_path):
     ("train.zero_stage=1 train.offload_optimizer=true", "train.offload_optimizer: needs train.zero_stage=2"),
     ("train.compile=true train.cuda_graphs=true", "train.cuda_graphs: needs CUDA GPUs"),
     ("train.fused_ema=true", "train.fused_ema: needs ZeRO-0"),
+    ("train.out_dir=configs/tiny_cpu.yaml/run", "train.out_dir: cannot create"),
+    ("wandb.mode=online", "wandb.mode=online"),  # no API key here
 ])
 def test_bad_configs_fail_before_training(tmp_path, override, needle):
     bad = REPO / "ds_configs" / "bad_test.json"
@@ -438,6 +466,7 @@ def test_bad_configs_fail_before_training(tmp_path, override, needle):
         bad.write_text('{"zero_optimization": {"stage": 2}, "trian_batch_size": 8}')
     try:
         env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()))
+        env.pop("WANDB_API_KEY", None)
         r = subprocess.run([sys.executable, "-m", "promoe_ds.cli", "train", "--config", "configs/tiny_cpu.yaml",
                             f"train.out_dir={tmp_path}", "train.ep_size=1", *override.split()], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
