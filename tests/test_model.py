@@ -242,6 +242,12 @@ def test_config_errors(tmp_path):
                          ("train.weight_decay=nan", "train.weight_decay"), ("data.num_workers=-1", "data.num_workers")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(overrides=[bad])
+    with pytest.raises(ConfigError, match=r"override 'train.betas=\[0.9': the value is not valid YAML"):
+        load_config(overrides=["train.betas=[0.9"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  depth: [4\ntrain:\n  steps: 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML: expected .* at line 3, column 6$"):
+        load_config(broken)
     f = tmp_path / "c.yaml"
     f.write_text("model:\n  preset: ProMoE-S\n  depth: 4\n  moe:\n    experts: E6A2S1U1\n")
     cfg = load_config(f, ["model.moe.rcl_weight=10"])
