@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from promoe_ds.config import ConfigError
 from promoe_ds.data import FORMAT, MANIFEST
 
 IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".webp", ".bmp"}
@@ -46,14 +48,14 @@ def shard_name(i: int) -> str:
 def list_images(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """Sorted class folders and (relative path, class index) of every image, in a fixed order."""
     if not root.is_dir():
-        raise SystemExit(f"error: --data {root} is not a directory")
+        raise ConfigError(f"--data {root} is not a directory")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
     items = []
     for label, wnid in enumerate(classes):
         names = sorted(f.name for f in os.scandir(root / wnid) if Path(f.name).suffix.lower() in IMAGE_EXTS)
         items += [(f"{wnid}/{name}", label) for name in names]
     if not items:
-        raise SystemExit(f"error: no images under {root}/<class>/ (expected an ImageNet-style train folder)")
+        raise ConfigError(f"no images under {root}/<class>/ (expected an ImageNet-style train folder)")
     return classes, items
 
 
@@ -90,13 +92,13 @@ def load_vae(name: str, device, dtype):
     from diffusers import AutoencoderKL
 
     if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
-        raise SystemExit(f"error: --vae {name}: no such directory")
+        raise ConfigError(f"--vae {name}: no such directory")
     try:
         vae = AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise SystemExit(f"error: cannot load the VAE {name!r} ({reason}); without network access pass a "
-                         f"local directory (hub snapshot or AutoencoderKL.save_pretrained) to --vae") from None
+        raise ConfigError(f"cannot load the VAE {name!r} ({reason}); without network access pass a "
+                          f"local directory (hub snapshot or AutoencoderKL.save_pretrained) to --vae") from None
     return vae.to(device).eval()
 
 
@@ -157,10 +159,10 @@ def finalize(out: Path) -> dict | None:
     """Merge ``records/*.json`` into ``manifest.json``; None while shards are still missing."""
     records = [json.loads(p.read_text()) for p in sorted((out / "records").glob("shard-*.json"))]
     if not records:
-        raise SystemExit(f"error: no shard records under {out / 'records'}; run the encoder first")
+        raise ConfigError(f"no shard records under {out / 'records'}; run the encoder first")
     config = records[0]["config"]
     if any(r["config"] != config for r in records):
-        raise SystemExit(f"error: records under {out / 'records'} come from different encoder settings")
+        raise ConfigError(f"records under {out / 'records'} come from different encoder settings")
     done = {r["shard"]["name"] for r in records}
     missing = [shard_name(i) for i in range(config["shards"]) if shard_name(i) not in done]
     if missing:
@@ -169,7 +171,7 @@ def finalize(out: Path) -> dict | None:
         return None
     shapes = {tuple(r["latent_shape"]) for r in records if r["latent_shape"]}
     if len(shapes) != 1:
-        raise SystemExit(f"error: records disagree on (or lack) the latent shape: {shapes}")
+        raise ConfigError(f"records disagree on (or lack) the latent shape: {shapes}")
     classes = json.loads((out / "classes.json").read_text())
     manifest = write_manifest(out, [r["shard"] for r in records], vae=config["vae"], image_size=config["image_size"],
                               scale_factor=records[0]["scale_factor"], latent_shape=shapes.pop(),
@@ -188,8 +190,8 @@ def _done(out: Path, i: int, config: dict) -> bool:
         return False
     r = json.loads(_record(out, i).read_text())
     if r["config"] != config:
-        raise SystemExit(f"error: {_record(out, i)} was written with other settings or another image list "
-                         f"({r['config']} != {config}); use a fresh --out")
+        raise ConfigError(f"{_record(out, i)} was written with other settings or another image list "
+                          f"({r['config']} != {config}); use a fresh --out")
     shard = out / r["shard"]["name"]
     return shard.is_file() and shard.stat().st_size == r["shard"]["bytes"]
 
@@ -235,14 +237,24 @@ def encode_shards(args, items, todo: list[int], config: dict, device, dtype, pro
     return encoded, skipped_total, time.time() - t0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        if (value := int(text)) >= 1:
+            return value
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m data_prep.encode", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, help="ImageNet-style folder: DATA/<wnid>/*.JPEG")
     p.add_argument("--out", type=Path, required=True, help="output folder for shards, records and manifest.json")
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="hub id or local AutoencoderKL directory")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
-    p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward (x2 with the flips)")
+    p.add_argument("--image-size", type=positive_int, default=256)
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="images per shard")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per VAE forward (x2 with the flips)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bf16 on CUDA, fp32 otherwise")
     p.add_argument("--device", default="auto", help="auto: this process's accelerate device")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
@@ -271,7 +283,7 @@ def main(argv=None) -> None:
         a, _, b = args.shard_range.partition(":")
         lo, hi = int(a or 0), min(int(b or n_shards), n_shards)
     except ValueError:
-        raise SystemExit(f"error: --shard-range {args.shard_range!r} is not of the form A:B") from None
+        raise ConfigError(f"--shard-range {args.shard_range!r} is not of the form A:B") from None
     mine = list(range(lo, hi))[state.process_index::state.num_processes]
     config = {"vae": args.vae, "image_size": args.image_size, "shard_size": args.shard_size, "dtype": str(dtype),
               "images": len(items), "shards": n_shards,
@@ -289,4 +301,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:  # a user mistake: one line, exit code 2 (as the promoe-ds command)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -132,40 +132,47 @@ def check_layout(meta: dict, world_size: int, ep_size: int, zero_stage: int, tag
             "with train.init_from=FILE train.resume=none (weights and EMA carry over, optimizer state restarts)")
 
 
-def read_meta(tag_dir: Path) -> dict:
+def _first_sentence(e: Exception) -> str:
+    """An exception's message cut to its first sentence (torch's name the failure, then add advice)."""
+    return str(e).strip().split("\n")[0].split(". ")[0] or type(e).__name__
+
+
+def load_tensors(path: Path, hint: str, *, weights_only: bool = True, mmap: bool = False):
+    """``torch.load`` onto the CPU; a truncated, corrupt or missing file is a ConfigError naming it, with ``hint``
+    on what to do."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise ConfigError(f"cannot read {str(path)!r} ({_first_sentence(e)}): truncated, corrupt or not a "
+                          f"torch.save file; {hint}") from None
+
+
+def read_meta(tag_dir: Path, hint: str) -> dict:
     try:
         return json.loads((tag_dir / META).read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"checkpoint {str(tag_dir)!r}: {META} is unreadable ({e})") from None
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"cannot read {str(tag_dir / META)!r} ({e}): truncated or corrupt; {hint}") from None
 
 
-def _unreadable(tag_dir: Path, what: str, e: Exception) -> ConfigError:
-    """A tag whose files cannot be read (truncated, corrupt, missing): the error names the complete tag before it."""
+def resume_hint(tag_dir: Path) -> str:
+    """What to resume from when ``tag_dir`` cannot be: the complete tag before it."""
     earlier = [t for t in complete_tags(tag_dir.parent) if t < tag_dir.name]
-    hint = (f"resume from the one before with train.resume={tag_dir.parent / earlier[-1]}" if earlier
+    return (f"resume from the checkpoint before it with train.resume={tag_dir.parent / earlier[-1]}" if earlier
             else "no earlier complete checkpoint in this run")
-    reason = str(e).strip().split("\n")[0].split(". ")[0]  # torch's first sentence names the failure
-    return ConfigError(f"checkpoint {str(tag_dir)!r}: {what} is unreadable ({type(e).__name__}: {reason}); {hint}")
-
-
-def _read(path: Path, tag_dir: Path, weights_only: bool = True):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as e:  # truncated or corrupt: torch raises RuntimeError, EOFError, UnpicklingError, ...
-        raise _unreadable(tag_dir, f"promoe/{path.name}", e) from None
 
 
 @torch.no_grad()
 def load(engine, model, ema, tag_dir: Path, *, rank: int, ep_rank: int) -> tuple[dict, dict]:
     """Restore engine, weights, EMA; returns (meta, this rank's state). A file that cannot be read, or weights of
     other shapes than the model's (other model settings), is a ConfigError."""
-    meta = read_meta(tag_dir)
+    hint = resume_hint(tag_dir)
+    meta = read_meta(tag_dir, hint)
     own = tag_dir / "promoe"
-    state = _read(own / "dense.pt", tag_dir)
+    state = load_tensors(own / "dense.pt", hint)
     expert_file = own / f"experts_ep{ep_rank:04d}.pt"
     if expert_file.is_file():
-        state.update(_read(expert_file, tag_dir)["params"])
-    rank_state = _read(own / f"rank{rank:05d}.pt", tag_dir, weights_only=False)
+        state.update(load_tensors(expert_file, hint)["params"])
+    rank_state = load_tensors(own / f"rank{rank:05d}.pt", hint, weights_only=False)
     params = dict(model.named_parameters())
     missing = [n for n in params if n not in state]
     if missing:
@@ -178,7 +185,8 @@ def load(engine, model, ema, tag_dir: Path, *, rank: int, ep_rank: int) -> tuple
     try:
         engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        raise _unreadable(tag_dir, "DeepSpeed's state", e) from None
+        raise ConfigError(f"checkpoint {str(tag_dir)!r}: DeepSpeed's files are unreadable ({_first_sentence(e)}); "
+                          f"{hint}") from None
     for name, p in params.items():
         p.copy_(state[name]["model"])
         if master(p) is not p:  # a bf16 weight (train.bf16_weights): its float32 master too

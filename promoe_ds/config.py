@@ -177,9 +177,9 @@ _CHOICES = {
 _POSITIVE = ("model.input_size", "model.in_channels", "model.patch_size", "model.depth", "model.hidden_size",
              "model.num_heads", "model.num_classes", "model.moe.every", "train.steps", "train.global_batch",
              "train.ep_size", "train.log_every", "train.profile_steps", "train.keep_last", "train.max_bad_steps",
-             "model.moe.rcl_tau", "model.mlp_ratio", "objective.diffusion_steps", "train.lr")
-_NON_NEGATIVE = ("train.ckpt_every", "train.profile_at", "train.warmup_steps", "train.micro_batch", "train.grad_clip",
-                 "train.weight_decay", "data.num_workers")
+             "model.moe.rcl_tau", "model.mlp_ratio", "objective.diffusion_steps")
+_NON_NEGATIVE = ("train.lr", "train.ckpt_every", "train.profile_at", "train.warmup_steps", "train.micro_batch",
+                 "train.grad_clip", "train.weight_decay", "data.num_workers")
 
 
 def _coerce(key: str, value, typ):

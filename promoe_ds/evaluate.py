@@ -18,13 +18,16 @@ Inputs are ADM-format ``.npz`` files: ``arr_0`` uint8 [N, H, W, 3]. A reference 
 precomputed ``mu, sigma, mu_s, sigma_s`` (ADM's VIRTUAL_imagenet256_labeled.npz does); those are used
 for FID/sFID, and its ``arr_0`` images (if any) for precision/recall. Any feature extractor with the same
 interface as ``FIDInceptionV3`` can be passed to ``evaluate``: float [N, 3, H, W] in [0, 255] ->
-(pool [N, F], spatial [N, S], logits [N, K]).
+(pool [N, F], spatial [N, S], logits [N, K]). Both files are checked before any feature is computed
+(``check_inputs``): one that cannot give every metric is a ConfigError.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import zipfile
+import zlib
 from contextlib import contextmanager
 
 import numpy as np
@@ -34,8 +37,12 @@ import torch.nn.functional as F
 from scipy import linalg
 from tqdm.auto import tqdm
 
+from promoe_ds.config import ConfigError
+
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+IS_SPLITS = 10  # Inception Score: mean over 10 splits (ADM: 5000-image splits of 50K samples)
+NN_K = 3  # precision / recall: balls to the k-th nearest neighbour
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -226,15 +233,18 @@ def inception_from_state_dict(state_dict: dict, source: str = "state dict") -> F
     problems = [f"{len(v)} {name}: {', '.join(v[:8])}{', ...' if len(v) > 8 else ''}"
                 for name, v in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if v]
     if problems:
-        raise ValueError(f"{source} is not the FID Inception-v3 ({INCEPTION_FILE}); " + "; ".join(problems))
+        raise ConfigError(f"{source} is not the FID Inception-v3 ({INCEPTION_FILE}); " + "; ".join(problems))
     model.load_state_dict({**own, **state_dict})
     return model.eval().requires_grad_(False)
 
 
 def load_inception(path: str) -> FIDInceptionV3:
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    from promoe_ds.checkpoint import load_tensors
+
+    state_dict = load_tensors(path, f"--inception: pass the FID Inception-v3 weights {INCEPTION_FILE} "
+                                    f"(docs/evaluate.md)")
     if not isinstance(state_dict, dict):
-        raise ValueError(f"{path}: expected a state dict of the FID Inception-v3 ({INCEPTION_FILE})")
+        raise ConfigError(f"{path}: expected a state dict of the FID Inception-v3 ({INCEPTION_FILE})")
     return inception_from_state_dict(state_dict, source=path)
 
 
@@ -243,19 +253,32 @@ def load_inception(path: str) -> FIDInceptionV3:
 # ---------------------------------------------------------------------------------------------------
 
 @contextmanager
+def _open_npz(path: str):
+    """The .npz at ``path`` as a zip file; ConfigError if it is not a readable one (missing, truncated, another
+    format), also when reading its members fails."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            yield zf
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise ConfigError(f"{path}: not a readable .npz ({type(e).__name__}: {e}); write it with numpy.savez "
+                          f"(arr_0: the images), as promoe-ds sample does") from None
+
+
+@contextmanager
 def _open_images(path: str):
     """(shape, stream at the first byte of data) of ``arr_0`` in an .npz, checked to be uint8 [N, H, W, 3]."""
-    with zipfile.ZipFile(path) as zf:
+    with _open_npz(path) as zf:
         if "arr_0.npy" not in zf.namelist():
-            raise ValueError(f"{path}: no 'arr_0' image array (members: {', '.join(sorted(zf.namelist()))})")
+            raise ConfigError(f"{path}: no 'arr_0' image array (members: {', '.join(sorted(zf.namelist()))})")
         with zf.open("arr_0.npy") as f:
             version = np.lib.format.read_magic(f)
             read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
             if read is None:
-                raise ValueError(f"{path}: unsupported .npy format version {version} for arr_0")
+                raise ConfigError(f"{path}: unsupported .npy format version {version} for arr_0")
             shape, fortran, dtype = read(f)
             if dtype != np.uint8 or fortran or len(shape) != 4 or shape[3] != 3:
-                raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, 3] in C order, got {dtype} {shape}")
+                raise ConfigError(f"{path}: arr_0 must be uint8 [N, H, W, 3] in C order (pixel values 0..255), "
+                                  f"got {dtype} {shape}")
             yield shape, f
 
 
@@ -272,13 +295,21 @@ def iter_npz_images(path: str, batch_size: int):
             n = min(batch_size, shape[0] - start)
             buf = f.read(n * row)
             if len(buf) != n * row:
-                raise ValueError(f"{path}: arr_0 is truncated after image {start + len(buf) // row}")
+                raise ConfigError(f"{path}: arr_0 is truncated after image {start + len(buf) // row}")
             yield np.frombuffer(bytearray(buf), dtype=np.uint8).reshape(n, *shape[1:])
 
 
 def npz_has_images(path: str) -> bool:
-    with zipfile.ZipFile(path) as zf:
+    with _open_npz(path) as zf:
         return "arr_0.npy" in zf.namelist()
+
+
+def read_ref_stats(path: str) -> dict[str, np.ndarray] | None:
+    """The precomputed ``mu, sigma, mu_s, sigma_s`` of a reference batch; None unless it holds all four."""
+    with _open_npz(path) as zf:
+        if not {f"{k}.npy" for k in STATS_KEYS} <= set(zf.namelist()):
+            return None
+        return {k: np.lib.format.read_array(zf.open(f"{k}.npy")) for k in STATS_KEYS}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -327,7 +358,7 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+def inception_score(logits: np.ndarray, splits: int = IS_SPLITS) -> tuple[float, float]:
     """exp(E_x KL(p(y|x) || p(y))) in each of ``splits`` consecutive parts: (mean, std) over the parts."""
     if len(logits) < splits:
         raise ValueError(f"inception score needs at least {splits} samples, got {len(logits)}")
@@ -344,7 +375,7 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.pow(2).sum(1, keepdim=True) - 2 * a @ b.T + b.pow(2).sum(1)).clamp_(min=0)
 
 
-def manifold_radii(feats: torch.Tensor, k: int = 3, batch_size: int = 2048) -> torch.Tensor:
+def manifold_radii(feats: torch.Tensor, k: int = NN_K, batch_size: int = 2048) -> torch.Tensor:
     """Squared distance of each point to its k-th nearest neighbour, the point itself not counted."""
     return torch.cat([_sq_dists(feats[i:i + batch_size], feats).kthvalue(k + 1, dim=1).values
                       for i in range(0, len(feats), batch_size)])
@@ -356,7 +387,7 @@ def _coverage(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor,
     return torch.cat(inside).double().mean().item()
 
 
-def precision_recall(ref: np.ndarray, samples: np.ndarray, k: int = 3, batch_size: int = 2048,
+def precision_recall(ref: np.ndarray, samples: np.ndarray, k: int = NN_K, batch_size: int = 2048,
                      device="cpu") -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) of pool features, distances in batches."""
     ref_t, sam_t = (torch.as_tensor(f, dtype=torch.float32, device=device) for f in (ref, samples))
@@ -365,13 +396,39 @@ def precision_recall(ref: np.ndarray, samples: np.ndarray, k: int = 3, batch_siz
     return precision, recall
 
 
+@torch.inference_mode()
+def check_inputs(samples: str, ref: str, extractor, device="cpu") -> dict[str, np.ndarray] | None:
+    """Check, before any feature is computed, that the two .npz files can give every metric (ConfigError
+    if not); returns the reference's precomputed statistics (None: to be computed from its images)."""
+    with _open_images(samples) as (shape, _):
+        n, h, w = shape[:3]
+    need = max(IS_SPLITS, NN_K + 1)
+    if n < need:
+        raise ConfigError(f"--samples {samples}: {n} images, the metrics need at least {need} (Inception Score: "
+                          f"{IS_SPLITS} splits); sample more (the paper: 50000)")
+    stats = read_ref_stats(ref)
+    if npz_has_images(ref):
+        if (m := npz_image_count(ref)) < NN_K + 1:
+            raise ConfigError(f"--ref {ref}: {m} images, precision/recall need at least {NN_K + 1}")
+    elif stats is None:
+        raise ConfigError(f"--ref {ref}: a reference batch needs images (arr_0) or statistics "
+                          f"({', '.join(STATS_KEYS)}), e.g. VIRTUAL_imagenet256_labeled.npz (docs/evaluate.md)")
+    if stats is not None:  # their dimensions against this extractor's features of one blank image
+        pool, spatial, _ = extractor(torch.zeros(1, 3, h, w, device=device))
+        d, s = pool.shape[1], spatial.shape[1]
+        want = {"mu": (d,), "sigma": (d, d), "mu_s": (s,), "sigma_s": (s, s)}
+        wrong = [f"{k} {list(stats[k].shape)}" for k in STATS_KEYS if stats[k].shape != want[k]]
+        if wrong:
+            raise ConfigError(f"--ref {ref}: statistics of other features ({', '.join(wrong)}) than this network's "
+                              f"{d}-d pool and {s}-d spatial features; use the reference batch of the FID "
+                              f"Inception-v3 (docs/evaluate.md)")
+    return stats
+
+
 def evaluate(samples: str, ref: str, extractor, batch_size: int = 64, device="cpu") -> dict:
     """All metrics of the sample batch against the reference batch (both ADM-format .npz paths)."""
-    with np.load(ref) as z:
-        ref_stats = {k: z[k] for k in STATS_KEYS} if set(STATS_KEYS) <= set(z.files) else None
+    ref_stats = check_inputs(samples, ref, extractor, device)
     ref_feats = compute_features(extractor, ref, batch_size, device) if npz_has_images(ref) else None
-    if ref_stats is None and ref_feats is None:
-        raise ValueError(f"{ref}: a reference batch needs images (arr_0) or statistics ({', '.join(STATS_KEYS)})")
     if ref_stats is None:
         (mu, sigma), (mu_s, sigma_s) = compute_statistics(ref_feats["pool"]), compute_statistics(ref_feats["spatial"])
         ref_stats = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
@@ -404,9 +461,16 @@ def _no_tf32():
 
 
 def main_eval(samples: str, ref: str, inception: str, batch_size: int = 64, device: str = "auto") -> dict:
-    """``promoe-ds eval``: load the FID Inception weights, evaluate, print and return the JSON summary."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    """``promoe-ds eval``: check the inputs, load the FID Inception weights, evaluate, print and return the
+    JSON summary."""
+    from promoe_ds.sample import resolve_device
+
+    for flag, path in (("--samples", samples), ("--ref", ref), ("--inception", inception)):
+        if not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            raise ConfigError(f"{flag} {path!r}: no such readable file (docs/evaluate.md says which files eval needs)")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    device = resolve_device(device)
     extractor = load_inception(inception).to(device)
     with _no_tf32():
         summary = evaluate(samples, ref, extractor, batch_size=batch_size, device=device)

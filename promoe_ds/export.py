@@ -27,8 +27,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import promoe_ds
-from promoe_ds.checkpoint import LATEST, META, complete_tags
-from promoe_ds.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
+from promoe_ds.checkpoint import LATEST, META, complete_tags, load_tensors, read_meta
+from promoe_ds.config import ConfigError, ModelConfig, model_config_diff, model_config_from_dict
 from promoe_ds.models.dit import DiT, build_model
 from promoe_ds.models.moe import routed_expert_layer
 
@@ -74,7 +74,9 @@ def consolidate(tag_dir: Path, weights: str = "ema") -> tuple[dict[str, torch.Te
         raise ConfigError(f"checkpoint {str(tag_dir)!r} is incomplete: {META} absent (it is written last, so the "
                           f"job stopped while saving this tag); complete tags: "
                           f"{', '.join(complete_tags(tag_dir.parent)) or 'none'}")
-    meta = json.loads((tag_dir / META).read_text())
+    others = [t for t in complete_tags(tag_dir.parent) if t != tag_dir.name]
+    hint = f"export another tag with --tag (other complete tags: {', '.join(others) or 'none'})"
+    meta = read_meta(tag_dir, hint)
     cfg = model_config_from_dict(meta["config"]["model"])
     shapes = model_shapes(cfg)
     own = tag_dir / "promoe"
@@ -86,7 +88,7 @@ def consolidate(tag_dir: Path, weights: str = "ema") -> tuple[dict[str, torch.Te
                           f"{len(expert_files)} expert files experts_ep0000.pt ...)")
 
     def read(name):  # mmap: an XL-sized checkpoint is not copied into memory twice
-        return torch.load(own / name, map_location="cpu", weights_only=True, mmap=True)
+        return load_tensors(own / name, hint, mmap=True)
 
     state = {n: e[weights] for n, e in read("dense.pt").items()}
     pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
@@ -133,6 +135,12 @@ def latent_info(train_config: dict) -> dict[str, str]:
 def export(checkpoint: str | Path, out: str | Path, tag: str | None = None, weights: str = "ema") -> dict:
     """``promoe-ds export``: consolidate and write atomically (``OUT.tmp`` then rename). Returns the
     metadata written."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a directory; name the file to write, e.g. "
+                          f"{str(out / 'ema.safetensors')!r}")
+    if blocker := next((p for p in out.parents if p.is_file()), None):
+        raise ConfigError(f"--out {str(out)!r}: {str(blocker)!r} is a file, not a directory; choose another --out")
     tag_dir = find_tag_dir(checkpoint, tag)
     state, meta = consolidate(tag_dir, weights)
     train_config = meta["config"]
@@ -146,7 +154,7 @@ def export(checkpoint: str | Path, out: str | Path, tag: str | None = None, weig
         "train_config": json.dumps(train_config),
         **latent_info(train_config),
     }
-    write_safetensors(state, metadata, Path(out))
+    write_safetensors(state, metadata, out)
     return metadata
 
 
@@ -174,20 +182,15 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise _unreadable(path, e) from None
     if "config" not in meta:
         raise ConfigError(f"weights file {str(path)!r} has no 'config' metadata: not written by `promoe-ds export`")
+    for key in [k for k in ("config", "objective") if k in meta]:
+        try:
+            ok = isinstance(json.loads(meta[key]), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"weights file {str(path)!r}: its {key!r} metadata is not a JSON object (corrupt or not "
+                              f"written by `promoe-ds export`); export the checkpoint again")
     return meta
-
-
-def _config_diff(meta: dict[str, str], cfg: ModelConfig) -> str:
-    theirs, ours = json.loads(meta["config"]), to_dict(cfg)
-
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
-
-    a, b = dict(flat(theirs)), dict(flat(ours))
-    diff = [f"model.{k}: {a.get(k)!r} in the file, {b.get(k)!r} here" for k in sorted(a.keys() | b.keys())
-            if a.get(k) != b.get(k) and k != "preset"]
-    return f" ({'; '.join(diff)})" if diff else ""
 
 
 @torch.no_grad()
@@ -210,7 +213,7 @@ def load_into(model: DiT, path: str | Path) -> dict[str, str]:
             try:
                 check_shapes(have, want, f"weights file {str(path)!r}", "this model")
             except ConfigError as e:
-                raise ConfigError(f"{e}{_config_diff(meta, model.cfg)}") from None
+                raise ConfigError(f"{e}{model_config_diff(json.loads(meta['config']), model.cfg, 'the file')}") from None
             for name, p in params.items():
                 p.copy_(f.get_slice(name)[rows[name]] if name in rows else f.get_tensor(name))
     except (SafetensorError, OSError) as e:

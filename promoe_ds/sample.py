@@ -135,6 +135,21 @@ def _init_world() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
+    """``--device``: auto (GPU ``local_rank`` if CUDA is available, else the CPU), cpu, cuda or cuda:N;
+    ConfigError for a device this machine does not have."""
+    if flag == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise ConfigError(f"--device {flag!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {flag}: this machine has {torch.cuda.device_count()} CUDA GPU(s) usable by torch "
+                          f"{torch.__version__}; use --device cpu or auto")
+    return device
+
+
 def _settings(args, meta: dict, vae: str) -> dict:
     """What determines the images; a folder holds the samples of one setting."""
     return {"weights": str(Path(args.weights).resolve()), "weights_bytes": os.path.getsize(args.weights),
@@ -156,6 +171,9 @@ def main_sample(args) -> dict:
     classes = parse_classes(args.classes, num_classes)
     if args.num < 1 or args.steps < 1 or args.batch_size < 1:
         raise ConfigError("--num, --steps and --batch-size must be >= 1")
+    if not math.isfinite(args.cfg_scale):
+        raise ConfigError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+    device = resolve_device(args.device, local)
     vae_name = args.vae or meta.get("vae") or DEFAULT_VAE
     out = Path(args.out) if args.out else default_out(args)
     png_dir = out / "samples"
@@ -171,10 +189,6 @@ def main_sample(args) -> dict:
     if world > 1:
         dist.barrier()
 
-    if args.device == "auto":
-        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        device = torch.device(args.device)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     todo = [i for i in range(rank, args.num, world) if not (png_dir / f"{i:06d}.png").is_file()]
     dt = 0.0

@@ -191,7 +191,7 @@ def train(cfg: Config) -> int:
     ckpt_dir = out_dir / "checkpoints"
     resume_dir = ckpt.find_resume(ckpt_dir, t.resume)
     if resume_dir is not None:
-        meta = ckpt.read_meta(resume_dir)
+        meta = ckpt.read_meta(resume_dir, ckpt.resume_hint(resume_dir))
         ckpt.check_layout(meta, world, t.ep_size, zero_stage, resume_dir)
     m = cfg.model
     latent_shape = (m.in_channels, m.input_size, m.input_size)

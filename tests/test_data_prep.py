@@ -18,7 +18,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from data_prep import toy
-from data_prep.encode import center_crop_arr, main as encode
+from data_prep.encode import center_crop_arr, main as encode, parse_args
+from promoe_ds.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = 0.3
@@ -184,8 +185,25 @@ def test_two_processes_split_the_shards(shards, toy_train, vae_dir, tmp_path):
 
 
 def test_unloadable_vae_is_one_clear_line(toy_train, tmp_path):
-    with pytest.raises(SystemExit, match="no such directory"):
+    with pytest.raises(ConfigError, match="no such directory"):
         encode(["--data", str(toy_train), "--out", str(tmp_path), "--vae", str(tmp_path / "missing"), *ARGS])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="cannot load the VAE .* pass a local directory"):
+    with pytest.raises(ConfigError, match="cannot load the VAE .* pass a local directory"):
         encode(["--data", str(toy_train), "--out", str(tmp_path), "--vae", str(tmp_path / "empty"), *ARGS])
+
+
+def test_errors_exit_2_with_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "data_prep.encode", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [f"error: --data {tmp_path / 'absent'} is not a "
+                                                                 f"directory"], proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--image-size", "--shard-size", "--batch-size"])
+@pytest.mark.parametrize("value", ["0", "-3", "x"])
+def test_non_positive_sizes_are_refused_when_parsing(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--data", str(tmp_path), "--out", str(tmp_path), flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"python -m data_prep.encode: error: argument {flag}: must be a positive integer, got {value!r}"

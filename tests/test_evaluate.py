@@ -8,6 +8,7 @@ import torch.nn as nn
 from scipy.spatial.distance import cdist
 
 from promoe_ds import evaluate as ev
+from promoe_ds.cli import main as cli
 
 # The FID Inception-v3 state dict (pt_inception-2015-12-05-6726825d.pth, the torchvision Inception3 layout
 # without AuxLogits and with 1008 classes): these top-level modules, 94 conv+BN units (5 tensors each) and
@@ -215,11 +216,102 @@ def test_npz_to_stats_to_fid_with_a_tiny_network(tmp_path):
 def test_main_eval_prints_the_json_summary(tmp_path, monkeypatch, capsys):
     np.savez(tmp_path / "s.npz", arr_0=_images(30, 3))
     np.savez(tmp_path / "r.npz", arr_0=_images(30, 4))
+    (tmp_path / "w.pth").touch()
     monkeypatch.setattr(ev, "load_inception", lambda path: TinyExtractor())
-    out = ev.main_eval(str(tmp_path / "s.npz"), str(tmp_path / "r.npz"), "weights.pth", batch_size=8, device="cpu")
+    out = ev.main_eval(str(tmp_path / "s.npz"), str(tmp_path / "r.npz"), str(tmp_path / "w.pth"), batch_size=8,
+                       device="cpu")
     printed = json.loads(capsys.readouterr().out)
     assert printed == out
     assert {"fid", "sfid", "inception_score", "precision", "recall", "num_samples"} <= set(out)
+
+
+# --- input errors: one ``error:`` line, exit code 2, before any feature is computed -------------------
+
+def eval_refused(capsys, d, *extra) -> str:
+    """``promoe-ds eval`` on d/{s.npz, r.npz, w.pth} that must fail with one ``error:`` line (returned), exit 2."""
+    assert cli(["eval", "--samples", str(d / "s.npz"), "--ref", str(d / "r.npz"), "--inception", str(d / "w.pth"),
+                *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.fixture
+def inputs(tmp_path, monkeypatch):
+    """Valid eval inputs (the tiny network stands in for the Inception weights); computing features fails."""
+    np.savez(tmp_path / "s.npz", arr_0=_images(12, 3))
+    np.savez(tmp_path / "r.npz", arr_0=_images(12, 4))
+    (tmp_path / "w.pth").touch()
+    monkeypatch.setattr(ev, "load_inception", lambda path: TinyExtractor())
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("features computed before every input was checked")
+
+    monkeypatch.setattr(ev, "compute_features", no_features)
+    return tmp_path
+
+
+def _truncated(path):
+    np.savez(path, arr_0=_images(12, 5))
+    path.write_bytes(path.read_bytes()[:2000])
+
+
+def _stats(d, s):
+    return {"mu": np.zeros(d), "sigma": np.eye(d), "mu_s": np.zeros(s), "sigma_s": np.eye(s)}
+
+
+BAD_INPUTS = {  # file -> how it is broken -> (write it, words of the error)
+    "s.npz": {
+        "missing": (lambda p: p.unlink(), "--samples"),
+        "garbage": (lambda p: p.write_bytes(b"not an npz" * 50), "not a readable .npz"),
+        "truncated": (_truncated, "not a readable .npz"),
+        "no arr_0": (lambda p: np.savez(p, images=_images(12, 5)), "no 'arr_0' image array"),
+        "float": (lambda p: np.savez(p, arr_0=_images(12, 5) / 255.0), "arr_0 must be uint8"),
+        "too few": (lambda p: np.savez(p, arr_0=_images(9, 5)), "9 images, the metrics need at least 10"),
+    },
+    "r.npz": {
+        "missing": (lambda p: p.unlink(), "--ref"),
+        "directory": (lambda p: (p.unlink(), p.mkdir()), "--ref"),
+        "truncated": (_truncated, "not a readable .npz"),
+        "neither images nor statistics": (lambda p: np.savez(p, arr_1=np.arange(3)), "needs images (arr_0) or statistics"),
+        "too few": (lambda p: np.savez(p, arr_0=_images(3, 5)), "3 images, precision/recall need at least 4"),
+        "statistics of other features": (lambda p: np.savez(p, **_stats(4, 18)), "mu [4], sigma [4, 4]) than this "
+                                                                                "network's 8-d pool and 18-d spatial"),
+    },
+    "w.pth": {"missing": (lambda p: p.unlink(), "--inception")},
+}
+
+
+@pytest.mark.parametrize("name,how", [(name, how) for name, cases in BAD_INPUTS.items() for how in cases])
+def test_bad_inputs_are_one_error_line_before_features(inputs, capsys, name, how):
+    damage, words = BAD_INPUTS[name][how]
+    damage(inputs / name)
+    err = eval_refused(capsys, inputs)
+    assert words in err and str(inputs / name) in err, err
+
+
+def test_good_statistics_pass_the_checks(inputs):
+    np.savez(inputs / "r.npz", **_stats(8, 18))
+    assert ev.check_inputs(str(inputs / "s.npz"), str(inputs / "r.npz"), TinyExtractor())["mu"].shape == (8,)
+
+
+@pytest.mark.parametrize("arg,words", [("--device=cuda", "--device cuda: this machine has 0 CUDA GPU(s)"),
+                                       ("--batch-size=0", "--batch-size must be >= 1")])
+def test_bad_flag_values_are_one_error_line(inputs, capsys, monkeypatch, arg, words):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # as on a machine without CUDA
+    assert words in eval_refused(capsys, inputs, arg)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other weights"])
+def test_unusable_inception_weights_are_one_error_line(tmp_path, capsys, damage):
+    np.savez(tmp_path / "s.npz", arr_0=_images(12, 3))
+    np.savez(tmp_path / "r.npz", arr_0=_images(12, 4))
+    torch.save({"fc.bias": torch.zeros(1008)}, tmp_path / "w.pth")
+    data = (tmp_path / "w.pth").read_bytes()
+    if damage != "other weights":
+        (tmp_path / "w.pth").write_bytes(b"not torch weights" * 50 if damage == "garbage" else data[:len(data) // 2])
+    err = eval_refused(capsys, tmp_path)
+    assert str(tmp_path / "w.pth") in err and ev.INCEPTION_FILE in err, err
 
 
 # --- the FID Inception-v3 ---------------------------------------------------------------------------

@@ -67,20 +67,56 @@ def test_export_metadata_and_tag_selection(live, tmp_path):
     assert not out.with_name(out.name + ".tmp").exists()
 
 
-@pytest.mark.parametrize("remove,needle", [("promoe/experts_ep0001.pt", "experts_ep0001.pt"),
-                                           ("meta.json", "meta.json"), ("promoe/dense.pt", "dense.pt")])
-def test_export_refuses_incomplete_checkpoint(live, tmp_path, capsys, remove, needle):
-    run_dir, _ = live
+def copy_tag(run_dir, tmp_path):
+    """The promoe-ds files of the live job's tag step_00000003, copied under tmp_path."""
     tag = tmp_path / "checkpoints" / "step_00000003"
     shutil.copytree(run_dir / "checkpoints" / "step_00000003" / "promoe", tag / "promoe")
     shutil.copy(run_dir / "checkpoints" / "step_00000003" / "meta.json", tag)
+    return tag
+
+
+def export_refused(capsys, checkpoint, out) -> str:
+    """``promoe-ds export`` that must fail with one ``error:`` line (returned) and exit code 2."""
+    assert cli(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]
+
+
+@pytest.mark.parametrize("remove,needle", [("promoe/experts_ep0001.pt", "experts_ep0001.pt"),
+                                           ("meta.json", "meta.json"), ("promoe/dense.pt", "dense.pt")])
+def test_export_refuses_incomplete_checkpoint(live, tmp_path, capsys, remove, needle):
+    tag = copy_tag(live[0], tmp_path)
     (tag / remove).unlink()
     dest = tmp_path / "export"
     dest.mkdir()
-    assert cli(["export", "--checkpoint", str(tag), "--out", str(dest / "w.safetensors")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+    assert needle in export_refused(capsys, tag, dest / "w.safetensors")
     assert list(dest.iterdir()) == []  # nothing under the final name, no leftover .tmp
+
+
+@pytest.mark.parametrize("name,damage", [("promoe/dense.pt", "half"), ("promoe/dense.pt", "head"),
+                                         ("promoe/experts_ep0001.pt", "garbage"), ("meta.json", "half"),
+                                         ("meta.json", "garbage")])
+def test_export_refuses_corrupt_checkpoint_files(live, tmp_path, capsys, name, damage):
+    tag = copy_tag(live[0], tmp_path)
+    data = (tag / name).read_bytes()
+    damaged = {"half": data[:len(data) // 2], "head": data[:5000], "garbage": b"\x89 not a checkpoint \xff" * 10}
+    (tag / name).write_bytes(damaged[damage])
+    dest = tmp_path / "export"
+    dest.mkdir()
+    err = export_refused(capsys, tag, dest / "w.safetensors")
+    assert f"{tag / name}" in err and "corrupt" in err and "--tag" in err, err
+    assert list(dest.iterdir()) == []
+
+
+def test_export_refuses_an_out_that_cannot_be_a_file(live, tmp_path, capsys):
+    run_dir, _ = live
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("keep")
+    assert "is a directory" in export_refused(capsys, run_dir, tmp_path / "dir")
+    for out in (tmp_path / "file" / "w.safetensors", tmp_path / "file" / "sub" / "w.safetensors"):
+        assert f"{tmp_path / 'file'}' is a file, not a directory" in export_refused(capsys, run_dir, out)
+    assert list((tmp_path / "dir").iterdir()) == [] and (tmp_path / "file").read_text() == "keep"
 
 
 def test_export_names_missing_latest(tmp_path, capsys):

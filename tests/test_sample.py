@@ -10,7 +10,7 @@ from PIL import Image
 from dist_utils import TINY, spawn_local
 from promoe_ds import load_pretrained
 from promoe_ds.cli import main as cli
-from promoe_ds.config import load_config, to_dict
+from promoe_ds.config import ConfigError, load_config, to_dict
 from promoe_ds.diffusion import build_objective
 from promoe_ds.export import write_safetensors
 from promoe_ds.models.dit import build_model
@@ -124,12 +124,43 @@ def test_same_images_on_one_and_two_processes(files, tmp_path):
     assert "sampled 7 new images on 2 rank(s)" in (tmp_path / "rank0.log").read_text()
 
 
-def test_unloadable_vae_is_a_clear_error(files, tmp_path):
+def sample_refused(capsys, args) -> str:
+    """``promoe-ds sample`` that must fail with one ``error:`` line (returned) and exit code 2."""
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_unloadable_vae_is_a_clear_error(files, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    for vae, message in ((tmp_path / "empty", "cannot load the VAE"), (tmp_path / "absent", "absent")):
-        with pytest.raises(SystemExit, match=message):
-            cli(["sample", "--weights", str(files["flow"]), "--vae", str(vae), "--out", str(tmp_path / "s"),
-                 "--num", "1", "--steps", "2"])
+    for vae, message in ((tmp_path / "empty", "cannot load the VAE"), (tmp_path / "absent", "absent: no such directory")):
+        assert message in sample_refused(capsys, ["sample", "--weights", str(files["flow"]), "--vae", str(vae), "--out",
+                                                  str(tmp_path / "s"), "--num", "1", "--steps", "2"])
+
+
+@pytest.mark.parametrize("arg,message", [("--cfg-scale=nan", "--cfg-scale must be a finite number, got nan"),
+                                         ("--cfg-scale=inf", "--cfg-scale must be a finite number, got inf"),
+                                         ("--cfg-scale=-inf", "--cfg-scale must be a finite number, got -inf"),
+                                         ("--device=cuda", "--device cuda: this machine has 0 CUDA GPU(s)"),
+                                         ("--device=cuda:1", "--device cuda:1: this machine has 0 CUDA GPU(s)"),
+                                         ("--device=gpu", "--device 'gpu' is not a device")])
+def test_bad_flag_values_are_refused_before_sampling(files, tmp_path, capsys, monkeypatch, arg, message):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # as on a machine without CUDA
+    err = sample_refused(capsys, sample_args(files, tmp_path / "s", "flow", "--num", "2", arg))
+    assert message in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_weights_with_corrupt_json_metadata(files, tmp_path, capsys):
+    good = {"config": json.dumps(to_dict(load_config(TINY).model)), "objective": '{"name": "flow"}'}
+    for key, text in (("config", '{"depth": 2,'), ("objective", "[1, 2]")):
+        bad = tmp_path / f"bad_{key}.safetensors"
+        write_safetensors({"x": torch.zeros(1)}, {**good, key: text}, bad)
+        with pytest.raises(ConfigError, match=f"its '{key}' metadata is not a JSON object"):
+            load_pretrained(bad)
+        err = sample_refused(capsys, sample_args({**files, "flow": bad}, tmp_path / "s", "flow", "--num", "1"))
+        assert str(bad) in err and "export the checkpoint again" in err
 
 
 def test_eval_cli_hands_the_npz_to_main_eval(monkeypatch, tmp_path):
