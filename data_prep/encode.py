@@ -263,6 +263,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.finalize_only and args.data is None:
         p.error("--data is required")
+    if Path(args.vae).expanduser().is_dir():  # a local VAE: recorded (manifest, exports) as an absolute path, so
+        args.vae = str(Path(args.vae).expanduser().resolve())  # sampling finds it from any directory
     return args
 
 

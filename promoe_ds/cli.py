@@ -87,7 +87,8 @@ def add_stage_subparsers(sub) -> None:
 
     s = sub.add_parser("sample", help="images (PNGs, grid, ADM .npz) from an exported file; 1 CPU, 1 or many GPUs")
     s.add_argument("--weights", required=True, help="exported .safetensors (promoe-ds export)")
-    s.add_argument("--num", type=int, default=64, help="number of images (50000 for FID-50K)")
+    # not "--num": torchrun's parser reads it as an ambiguous abbreviation of its own --numa-binding
+    s.add_argument("--num-samples", dest="num", type=int, default=64, help="number of images (50000 for FID-50K)")
     s.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale; 1.0 = off")
     s.add_argument("--steps", type=int, default=250, help="Euler steps (flow) or respaced steps (ddpm)")
     s.add_argument("--classes", default="", help="comma-separated class indices (cycled), 'all' (0..K-1 cycled: "
@@ -127,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("train", help="train on DeepSpeed (one process per device; see README for launchers)")
-    s.add_argument("--config", help="YAML config file")
+    s.add_argument("--config", required=True,
+                   help="YAML config file, e.g. configs/tiny_cpu.yaml (the defaults alone are a large model)")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 train.ep_size=2")
     s.set_defaults(func=cmd_train)
 

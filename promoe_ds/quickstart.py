@@ -157,5 +157,5 @@ def main(out: str | Path = "runs/quickstart", steps: int | None = None, per_clas
           f"  weights      {weights}\n"
           f"  grid         {result['grid']}\n"
           f"  samples      {result['npz']}\n"
-          f"next: promoe-ds sample --weights {weights} --num 16 --cfg-scale 1.5 --out {out / 'more'}", flush=True)
+          f"next: promoe-ds sample --weights {weights} --num-samples 16 --cfg-scale 1.5 --out {out / 'more'}", flush=True)
     return {"grid": result["grid"], "weights": weights, "losses": losses, "seconds": total, "times": times}

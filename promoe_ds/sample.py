@@ -170,7 +170,7 @@ def main_sample(args) -> dict:
     num_classes = json.loads(meta["config"])["num_classes"]
     classes = parse_classes(args.classes, num_classes)
     if args.num < 1 or args.steps < 1 or args.batch_size < 1:
-        raise ConfigError("--num, --steps and --batch-size must be >= 1")
+        raise ConfigError("--num-samples, --steps and --batch-size must be >= 1")
     if not math.isfinite(args.cfg_scale):
         raise ConfigError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
     device = resolve_device(args.device, local)

@@ -207,3 +207,12 @@ def test_non_positive_sizes_are_refused_when_parsing(tmp_path, capsys, flag, val
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"python -m data_prep.encode: error: argument {flag}: must be a positive integer, got {value!r}"
+
+
+def test_a_local_vae_is_recorded_as_an_absolute_path(tmp_path, monkeypatch):
+    """The manifest (and so exports and `promoe-ds sample`) names a local VAE by an absolute path: a relative one
+    would not be found from another working directory."""
+    (tmp_path / "vae").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert parse_args(["--data", ".", "--out", "o", "--vae", "vae"]).vae == str((tmp_path / "vae").resolve())
+    assert parse_args(["--data", ".", "--out", "o", "--vae", "org/hub-id"]).vae == "org/hub-id"

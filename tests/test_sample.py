@@ -9,7 +9,7 @@ from PIL import Image
 
 from dist_utils import TINY, spawn_local
 from promoe_ds import load_pretrained
-from promoe_ds.cli import main as cli
+from promoe_ds.cli import build_parser as cli_parser, main as cli
 from promoe_ds.config import ConfigError, load_config, to_dict
 from promoe_ds.diffusion import build_objective
 from promoe_ds.export import write_safetensors
@@ -87,7 +87,7 @@ def test_cfg_combines_conditional_and_null_label_passes(files):
 
 def test_outputs_resume_and_settings_check(files, tmp_path, capsys):
     out = tmp_path / "s"
-    assert cli(sample_args(files, out, "flow", "--num", "5", "--classes", "1,2", "--cfg-scale", "1.5")) == 0
+    assert cli(sample_args(files, out, "flow", "--num-samples", "5", "--classes", "1,2", "--cfg-scale", "1.5")) == 0
     pngs = sorted((out / "samples").glob("*.png"))
     assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
     npz = np.load(out / "samples.npz")
@@ -102,18 +102,18 @@ def test_outputs_resume_and_settings_check(files, tmp_path, capsys):
     original = npz["arr_0"].copy()
     pngs[3].unlink()
     Image.fromarray(np.zeros_like(original[1])).save(pngs[1])  # an existing PNG is skipped, not redone
-    assert cli(sample_args(files, out, "flow", "--num", "6", "--classes", "1,2", "--cfg-scale", "1.5")) == 0
+    assert cli(sample_args(files, out, "flow", "--num-samples", "6", "--classes", "1,2", "--cfg-scale", "1.5")) == 0
     assert "sampled 2 new images" in capsys.readouterr().out  # 000003 again and the new 000005
     arr = np.load(out / "samples.npz")["arr_0"]
     assert arr.shape[0] == 6 and np.array_equal(arr[3], original[3]) and not arr[1].any()
 
-    assert cli(sample_args(files, out, "flow", "--num", "6", "--classes", "1,2", "--cfg-scale", "2.0")) == 2
+    assert cli(sample_args(files, out, "flow", "--num-samples", "6", "--classes", "1,2", "--cfg-scale", "2.0")) == 2
     assert "other settings" in capsys.readouterr().err
 
 
 def test_same_images_on_one_and_two_processes(files, tmp_path):
     """Random classes and DDPM's per-step noise: sample i depends on (seed, i) only."""
-    args = ["--num", "7", "--cfg-scale", "1.5", "--seed", "3"]
+    args = ["--num-samples", "7", "--cfg-scale", "1.5", "--seed", "3"]
     assert cli(sample_args(files, tmp_path / "one", "ddpm", *args)) == 0
     procs = spawn_local(2, [sys.executable, "-m", "promoe_ds.cli", *sample_args(files, tmp_path / "two", "ddpm", *args)],
                         log_dir=tmp_path, env={"OMP_NUM_THREADS": "1"})
@@ -136,7 +136,7 @@ def test_unloadable_vae_is_a_clear_error(files, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for vae, message in ((tmp_path / "empty", "cannot load the VAE"), (tmp_path / "absent", "absent: no such directory")):
         assert message in sample_refused(capsys, ["sample", "--weights", str(files["flow"]), "--vae", str(vae), "--out",
-                                                  str(tmp_path / "s"), "--num", "1", "--steps", "2"])
+                                                  str(tmp_path / "s"), "--num-samples", "1", "--steps", "2"])
 
 
 @pytest.mark.parametrize("arg,message", [("--cfg-scale=nan", "--cfg-scale must be a finite number, got nan"),
@@ -147,7 +147,7 @@ def test_unloadable_vae_is_a_clear_error(files, tmp_path, capsys):
                                          ("--device=gpu", "--device 'gpu' is not a device")])
 def test_bad_flag_values_are_refused_before_sampling(files, tmp_path, capsys, monkeypatch, arg, message):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # as on a machine without CUDA
-    err = sample_refused(capsys, sample_args(files, tmp_path / "s", "flow", "--num", "2", arg))
+    err = sample_refused(capsys, sample_args(files, tmp_path / "s", "flow", "--num-samples", "2", arg))
     assert message in err, err
     assert not (tmp_path / "s").exists()
 
@@ -159,7 +159,7 @@ def test_weights_with_corrupt_json_metadata(files, tmp_path, capsys):
         write_safetensors({"x": torch.zeros(1)}, {**good, key: text}, bad)
         with pytest.raises(ConfigError, match=f"its '{key}' metadata is not a JSON object"):
             load_pretrained(bad)
-        err = sample_refused(capsys, sample_args({**files, "flow": bad}, tmp_path / "s", "flow", "--num", "1"))
+        err = sample_refused(capsys, sample_args({**files, "flow": bad}, tmp_path / "s", "flow", "--num-samples", "1"))
         assert str(bad) in err and "export the checkpoint again" in err
 
 
@@ -168,3 +168,16 @@ def test_eval_cli_hands_the_npz_to_main_eval(monkeypatch, tmp_path):
     monkeypatch.setattr("promoe_ds.evaluate.main_eval", lambda *a, **kw: seen.update(args=a, kwargs=kw))
     assert cli(["eval", "--samples", "s.npz", "--ref", "r.npz", "--inception", "w.pth", "--batch-size", "8"]) == 0
     assert seen == {"args": ("s.npz", "r.npz", "w.pth"), "kwargs": {"batch_size": 8, "device": "auto"}}
+
+
+def test_the_multi_gpu_command_gets_through_torchrun():
+    """docs/sampling.md starts sampling under torchrun: its parser must leave every sample flag to promoe-ds (an
+    abbreviation of one of its own options, such as --num of --numa-binding, stops it)."""
+    from torch.distributed.run import get_args_parser
+
+    argv = ["--nproc_per_node", "8", "-m", "promoe_ds.cli", "sample", "--weights", "W", "--num-samples", "50000",
+            "--cfg-scale", "1.5", "--steps", "250", "--batch-size", "64", "--vae", "V", "--out", "DIR", "--seed", "0",
+            "--classes", "1,2", "--device", "auto", "--precision", "auto"]
+    args = get_args_parser().parse_args(argv)
+    assert args.training_script == "promoe_ds.cli" and args.training_script_args == argv[4:]
+    assert cli_parser().parse_args(argv[4:]).num == 50000

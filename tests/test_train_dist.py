@@ -461,11 +461,19 @@ def test_resume_errors_name_the_checkpoint_and_what_to_do(tmp_path):
     ("wandb.mode=online", "wandb.mode=online"),  # no API key here
 ])
 def test_bad_configs_fail_before_training(tmp_path, override, needle):
+    bad_config_fails(tmp_path, override, needle)
+
+
+def test_no_compiler_for_deepspeeds_cpu_op_is_one_error_line(tmp_path):
+    bad_config_fails(tmp_path, "", "needs a C++ compiler", CXX=str(tmp_path / "no-such-c++"))
+
+
+def bad_config_fails(tmp_path, override, needle, **env):
     bad = REPO / "ds_configs" / "bad_test.json"
     if "bad_test" in override:
         bad.write_text('{"zero_optimization": {"stage": 2}, "trian_batch_size": 8}')
     try:
-        env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()))
+        env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()), **env)
         env.pop("WANDB_API_KEY", None)
         r = subprocess.run([sys.executable, "-m", "promoe_ds.cli", "train", "--config", "configs/tiny_cpu.yaml",
                             f"train.out_dir={tmp_path}", "train.ep_size=1", *override.split()], cwd=REPO, env=env,

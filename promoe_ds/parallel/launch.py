@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from promoe_ds.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,10 @@ def init_distributed() -> DistInfo:
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device, backend = torch.device("cpu"), "gloo"
+        cxx = os.environ.get("CXX", "c++")
+        if shutil.which(cxx) is None:  # DeepSpeed's CPU accelerator compiles its shared-memory op at every start
+            raise ConfigError(f"DeepSpeed on the CPU needs a C++ compiler to build its communication op: {cxx!r} "
+                              "not found (install one, e.g. apt-get install g++, or set CXX)")
     import deepspeed  # after DS_ACCELERATOR is set
 
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
