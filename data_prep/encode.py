@@ -252,7 +252,7 @@ def parse_args(argv=None):
     p.add_argument("--data", type=Path, help="ImageNet-style folder: DATA/<wnid>/*.JPEG")
     p.add_argument("--out", type=Path, required=True, help="output folder for shards, records and manifest.json")
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="hub id or local AutoencoderKL directory")
-    p.add_argument("--image-size", type=positive_int, default=256)
+    p.add_argument("--image-size", type=positive_int, default=256, help="center-crop size in pixels (ADM)")
     p.add_argument("--shard-size", type=positive_int, default=1000, help="images per shard")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per VAE forward (x2 with the flips)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bf16 on CUDA, fp32 otherwise")

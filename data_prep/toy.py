@@ -72,11 +72,11 @@ def toy_image(c: int, rng: np.random.Generator, size: int) -> Image.Image:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m data_prep.toy", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--per-class", type=int, default=20)
+    p.add_argument("--out", type=Path, required=True, help="folder to write OUT/<class>/*.JPEG into")
+    p.add_argument("--classes", type=int, default=10, help="number of class folders")
+    p.add_argument("--per-class", type=int, default=20, help="pictures per class")
     p.add_argument("--size", type=int, default=64, help="short side of each picture in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the same seed writes the same pictures")
     args = p.parse_args(argv)
     for c in range(args.classes):
         wnid = f"n{c:08d}"

@@ -93,7 +93,7 @@ def add_stage_subparsers(sub) -> None:
     s.add_argument("--steps", type=int, default=250, help="Euler steps (flow) or respaced steps (ddpm)")
     s.add_argument("--classes", default="", help="comma-separated class indices (cycled), 'all' (0..K-1 cycled: "
                                                 "class-balanced), or empty: a random class per sample")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="sample i depends on (seed, i) only")
     s.add_argument("--out", help="output folder (default samples/<weights>-cfg<s>-steps<n>-seed<seed>)")
     s.add_argument("--vae", help="hub id or local AutoencoderKL directory (default: the one the training latents "
                                  "were encoded with, from the file's metadata, else stabilityai/sd-vae-ft-ema)")
@@ -107,12 +107,12 @@ def add_stage_subparsers(sub) -> None:
     s.add_argument("--samples", required=True, help="ADM-format .npz of generated images (promoe-ds sample)")
     s.add_argument("--ref", required=True, help="reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
     s.add_argument("--inception", required=True, help="FID Inception-v3 weights (see docs/evaluate.md)")
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--batch-size", type=int, default=64, help="images per Inception forward pass")
+    s.add_argument("--device", default="auto", help="auto (the GPU, else CPU) | cpu | cuda | cuda:N")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("quickstart", help="the whole pipeline on a CPU in minutes: toy data -> train -> sample")
-    s.add_argument("--out", default="runs/quickstart")
+    s.add_argument("--out", default="runs/quickstart", help="folder for the toy data, the run, the export and the samples")
     s.add_argument("--steps", type=int, default=None, help="training steps (default: configs/quickstart.yaml)")
     s.set_defaults(func=cmd_quickstart)
 

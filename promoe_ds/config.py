@@ -144,7 +144,7 @@ class TrainConfig:
     init_from: str = ""             # exported .safetensors to start (fine-tune) from
     max_bad_steps: int = 10         # abort after this many non-finite losses in a row
     compile: bool = False
-    compile_cache: str = "auto"     # with compile: inductor's cache; auto = <out_dir>/compile_cache, none = inductor's default, or a dir
+    compile_cache: str = "auto"     # with compile: inductor's cache: auto (<out_dir>/compile_cache) | none (its default) | a dir
     cuda_graphs: bool = False       # with compile: replay the compiled forward/backward as CUDA graphs (ep_size 1)
     fused_ema: bool = False         # ZeRO-0: AdamW and the EMA in one compiled pass over the weights (optim.py)
     bf16_weights: bool = False      # with fused_ema, bf16: weights autocast casts stored in bf16, float32 masters in AdamW

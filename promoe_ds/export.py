@@ -171,6 +171,8 @@ def write_safetensors(state: dict[str, torch.Tensor], metadata: dict[str, str], 
 # ---- file -> model -----------------------------------------------------------------------------
 
 def _unreadable(path, e: Exception) -> ConfigError:
+    if not Path(path).is_file():
+        return ConfigError(f"weights file {str(path)!r} does not exist (write one with `promoe-ds export`)")
     return ConfigError(f"cannot read weights file {str(path)!r}: {e} (truncated, corrupt or not a safetensors file?)")
 
 

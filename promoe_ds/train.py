@@ -212,6 +212,8 @@ def train(cfg: Config) -> int:
         from promoe_ds.export import load_into
 
         load_into(model, t.init_from)
+        if rank == 0:
+            print(f"weights initialised from {t.init_from}", flush=True)
     if is_moe:
         apply_expert_parallel(model, t.ep_size)
     model.to(device)
@@ -255,6 +257,9 @@ def train(cfg: Config) -> int:
               f"world {world}, ep_size {t.ep_size}, ZeRO-{zero_stage}, "
               f"micro-batch {micro} x grad-accum {gas}, {precision}, "
               f"experts '{backend}', steps {start} -> {t.steps}", flush=True)
+        if start >= t.steps:
+            print(f"nothing to train: the checkpoint is at step {start}, train.steps={t.steps} "
+                  "(raise train.steps to go on)", flush=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def save(step: int) -> None:
@@ -263,8 +268,10 @@ def train(cfg: Config) -> int:
                 "objective": cfg.objective.name, "version": promoe_ds.__version__}
         rank_state = {"data": data_state, "rng": {"torch": torch.get_rng_state()},
                       "param_digest": ckpt.param_digest(model)}
-        ckpt.save(engine, model, ema, ckpt_dir, step, meta, rank_state, rank=rank, ep_rank=ep_rank,
-                  expert_writer=expert_writer, keep_last=t.keep_last)
+        tag_dir = ckpt.save(engine, model, ema, ckpt_dir, step, meta, rank_state, rank=rank, ep_rank=ep_rank,
+                            expert_writer=expert_writer, keep_last=t.keep_last)
+        if rank == 0:
+            print(f"checkpoint {tag_dir}", flush=True)
 
     profiler = (StepProfiler(out_dir, rank, t.profile_at, t.profile_steps, device, t.profile_python)
                 if t.profile_at else None)

@@ -135,7 +135,7 @@ def test_corrupt_or_truncated_file_is_a_clear_error(live, tmp_path):
         bad.write_bytes(content)
         with pytest.raises(ConfigError, match=f"cannot read weights file .*{name}.safetensors"):
             load_pretrained(bad)
-    with pytest.raises(ConfigError, match="missing.safetensors"):
+    with pytest.raises(ConfigError, match="missing.safetensors' does not exist"):
         load_pretrained(tmp_path / "missing.safetensors")
 
 
