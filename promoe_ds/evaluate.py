@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import zipfile
 import zlib
 from contextlib import contextmanager
@@ -439,6 +440,10 @@ def evaluate(samples: str, ref: str, extractor, batch_size: int = 64, device="cp
     is_mean, is_std = inception_score(feats["logits"])
     precision, recall = (precision_recall(ref_feats["pool"], feats["pool"], device=device)
                          if ref_feats is not None else (None, None))
+    n, d = feats["pool"].shape
+    if n <= d:
+        print(f"note: {n} samples for {d}-d features: their covariance is singular (scipy may warn), so FID and sFID "
+              f"are only indicative (the ADM protocol: 50000 samples)", file=sys.stderr, flush=True)
     return {
         "samples": samples, "ref": ref, "num_samples": len(feats["pool"]),
         "num_ref_images": 0 if ref_feats is None else len(ref_feats["pool"]), "ref_statistics": source,

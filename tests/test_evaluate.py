@@ -213,6 +213,22 @@ def test_npz_to_stats_to_fid_with_a_tiny_network(tmp_path):
     assert both["fid"] == pytest.approx(got["fid"], rel=1e-9) and both["num_ref_images"] == 20
 
 
+def test_fewer_samples_than_feature_dimensions_get_a_note(tmp_path, capsys):
+    """Their covariance is singular (scipy warns about it): the FID is only indicative, and eval says so."""
+    sam = str(tmp_path / "samples.npz")
+    np.savez(sam, arr_0=_images(12, 1))
+    net = TinyExtractor()
+
+    def wide(images):  # 16-d pool features: more than the 12 samples
+        pool, spatial, logits = net(images)
+        return torch.cat([pool, pool], 1), spatial, logits
+
+    ev.evaluate(sam, sam, wide, batch_size=5)
+    assert "note: 12 samples for 16-d features: their covariance is singular" in capsys.readouterr().err
+    ev.evaluate(sam, sam, net, batch_size=5)
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_main_eval_prints_the_json_summary(tmp_path, monkeypatch, capsys):
     np.savez(tmp_path / "s.npz", arr_0=_images(30, 3))
     np.savez(tmp_path / "r.npz", arr_0=_images(30, 4))
