@@ -55,6 +55,10 @@ class MetricsLogger:
                                   "WANDB_API_KEY, or use wandb.mode=offline)") from None
         self.jsonl = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
 
+    def start(self) -> None:
+        """The first log interval's clock starts here, after start-up (model, engine, checkpoint loading)."""
+        self.t0 = time.time()
+
     def add(self, scalars: dict[str, torch.Tensor], counts: torch.Tensor | None, keep: torch.Tensor) -> None:
         """One micro-batch's scalars and expert load, left out where ``keep`` (a 0/1 tensor) is 0. Everything
         stays on the device (no sync per step) until the next log."""

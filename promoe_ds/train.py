@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -288,6 +288,7 @@ def train(cfg: Config) -> int:
     bad_in_a_row, skipped = 0, 0
     step = start
     started = time.perf_counter()
+    logger.start()
     data_state = data.state_dict()  # where a checkpoint of the last finished step resumes reading
     batch = micro_batch(step, 0) if step < t.steps else None
     while step < t.steps:
@@ -351,7 +352,8 @@ def train(cfg: Config) -> int:
         bad = bad_read.get().item() == 0
         step += 1
         if step == start + 1 and rank == 0:
-            print(f"step {step}: {time.perf_counter() - started:.1f} s{compile_report() if t.compile else ''}", flush=True)
+            print(f"step {step}: {time.perf_counter() - started:.1f} s{compile_report() if t.compile else ''}",
+                  flush=True)
         logger.step()
         if bad and applied:
             raise RuntimeError(f"step {step}: DeepSpeed applied an update with non-finite gradients (its optimizer "
