@@ -221,6 +221,9 @@ def main_sample(args) -> dict:
     new = torch.tensor([len(todo)])
     if world > 1:
         dist.all_reduce(new)  # also the barrier before rank 0 reads every rank's PNGs
+        # the last collective: every rank takes the group down itself (left to exit-time destructors, a rank
+        # whose peer had already exited once aborted with "terminate called without an active exception")
+        dist.destroy_process_group()
     if rank != 0:
         return {}
     missing = [i for i in range(args.num) if not (png_dir / f"{i:06d}.png").is_file()]
