@@ -29,9 +29,9 @@ Shard source (``data.source: wds``), over the shards of ``<data.path>/manifest.j
   Resuming costs at most one epoch's share of reading for this rank.
 * Bad data. A shard that is missing at start is left out and counted; one that fails while being
   read (missing, truncated, not a tar) is skipped for the rest of that read with a warning and
-  counted in ``stats["bad_shards"]`` (again each epoch it is drawn). A sample that cannot be decoded
-  is counted in ``stats["bad_samples"]``. If an epoch of this rank yields no sample at all, a
-  ``RuntimeError`` names the data path instead of looping forever.
+  counted in ``stats["bad_shards"]`` (again each epoch it is drawn). A sample that cannot be decoded, or
+  whose class is outside [0, num_classes), is counted in ``stats["bad_samples"]``. If an epoch of this rank
+  yields no sample at all, a ``ConfigError`` names the data path instead of looping forever.
 """
 from __future__ import annotations
 

@@ -171,7 +171,9 @@ def write_safetensors(state: dict[str, torch.Tensor], metadata: dict[str, str], 
 # ---- file -> model -----------------------------------------------------------------------------
 
 def _unreadable(path, e: Exception) -> ConfigError:
-    if not Path(path).is_file():
+    if Path(path).is_dir():
+        return ConfigError(f"weights file {str(path)!r} is a directory: pass the .safetensors file in it")
+    if not Path(path).exists():
         return ConfigError(f"weights file {str(path)!r} does not exist (write one with `promoe-ds export`)")
     return ConfigError(f"cannot read weights file {str(path)!r}: {e} (truncated, corrupt or not a safetensors file?)")
 

@@ -41,10 +41,12 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> None:
     t, moe = cfg.train, cfg.model.moe
     if t.cuda_graphs and device.type != "cuda":
         raise ConfigError(f"train.cuda_graphs: needs CUDA GPUs (this run is on {device.type})")
-    try:
-        Path(t.out_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"train.out_dir: cannot create {t.out_dir!r} ({e.strerror})") from None
+    existing = next(p for p in (Path(t.out_dir).absolute(), *Path(t.out_dir).absolute().parents) if p.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise ConfigError(f"train.out_dir: cannot create {t.out_dir!r} ({existing} is "
+                          f"{'not writable' if existing.is_dir() else 'a file'})")
+    if t.compile_cache == "":
+        raise ConfigError("train.compile_cache: auto, none or a directory (got an empty value)")
     if cfg.data.source == "wds" and not (Path(cfg.data.path) / "manifest.json").is_file():
         raise ConfigError(f"data.path: no manifest.json in {cfg.data.path!r} (make shards with python -m data_prep.encode)")
     if world_size % t.ep_size:
@@ -131,11 +133,12 @@ class StopFlag:
     def __init__(self):
         self.set = False
         self.pending = None  # the last call's all-reduced flag
+        self.pid = os.getpid()  # forked DataLoader workers inherit the handler: they stay quiet
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
-        if signum == signal.SIGINT:
+        if signum == signal.SIGINT and os.getpid() == self.pid:
             if self.set:
                 raise KeyboardInterrupt
             print("Ctrl-C: checkpointing after the next step, then stopping (again: stop at once)", file=sys.stderr,
@@ -198,6 +201,10 @@ def train(cfg: Config) -> int:
     data = build_latent_source(cfg.data, latent_shape=latent_shape, num_classes=m.num_classes, micro_batch=micro,
                                rank=rank, world_size=world, seed=t.seed)
     if rank == 0:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"train.out_dir: cannot create {t.out_dir!r} ({e.strerror})") from None
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     counts = count_params(m)
     logger = MetricsLogger(out_dir, rank, device, t.global_batch, world,

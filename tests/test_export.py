@@ -137,6 +137,8 @@ def test_corrupt_or_truncated_file_is_a_clear_error(live, tmp_path):
             load_pretrained(bad)
     with pytest.raises(ConfigError, match="missing.safetensors' does not exist"):
         load_pretrained(tmp_path / "missing.safetensors")
+    with pytest.raises(ConfigError, match="is a directory: pass the .safetensors file in it"):
+        load_pretrained(tmp_path)
 
 
 def test_load_into_an_expert_parallel_slice_and_shape_mismatch(live, tmp_path):

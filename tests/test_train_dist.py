@@ -458,6 +458,7 @@ def test_resume_errors_name_the_checkpoint_and_what_to_do(tmp_path):
     ("train.compile=true train.cuda_graphs=true", "train.cuda_graphs: needs CUDA GPUs"),
     ("train.fused_ema=true", "train.fused_ema: needs ZeRO-0"),
     ("train.out_dir=configs/tiny_cpu.yaml/run", "train.out_dir: cannot create"),
+    ("train.compile=true train.compile_cache=", "train.compile_cache: auto, none or a directory"),
     ("wandb.mode=online", "wandb.mode=online"),  # no API key here
 ])
 def test_bad_configs_fail_before_training(tmp_path, override, needle):

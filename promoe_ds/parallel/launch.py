@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
 import shutil
 import socket
 import subprocess
@@ -51,7 +52,7 @@ def init_distributed() -> DistInfo:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device, backend = torch.device("cpu"), "gloo"
         cxx = os.environ.get("CXX", "c++")
-        if shutil.which(cxx) is None:  # DeepSpeed's CPU accelerator compiles its shared-memory op at every start
+        if shutil.which((shlex.split(cxx) or ["c++"])[0]) is None:  # CXX may be "ccache g++"  # DeepSpeed's CPU accelerator compiles its shared-memory op at every start
             raise ConfigError(f"DeepSpeed on the CPU needs a C++ compiler to build its communication op: {cxx!r} "
                               "not found (install one, e.g. apt-get install g++, or set CXX)")
     import deepspeed  # after DS_ACCELERATOR is set
