@@ -33,7 +33,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from promoe_ds.config import ConfigError
+from promoe_ds.config import ConfigError, run_command
 from promoe_ds.data import FORMAT, MANIFEST
 
 IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".webp", ".bmp"}
@@ -303,8 +303,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as e:  # a user mistake: one line, exit code 2 (as the promoe-ds command)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_command(main))

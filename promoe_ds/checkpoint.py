@@ -162,11 +162,11 @@ def resume_hint(tag_dir: Path) -> str:
 
 
 @torch.no_grad()
-def load(engine, model, ema, tag_dir: Path, *, rank: int, ep_rank: int) -> tuple[dict, dict]:
-    """Restore engine, weights, EMA; returns (meta, this rank's state). A file that cannot be read, or weights of
-    other shapes than the model's (other model settings), is a ConfigError."""
+def load(engine, model, ema, tag_dir: Path, meta: dict, *, rank: int, ep_rank: int) -> dict:
+    """Restore engine, weights, EMA from the tag whose ``meta`` (``read_meta``) is given; returns this rank's state.
+    A file that cannot be read, or weights of other shapes than the model's (other model settings), is a
+    ConfigError."""
     hint = resume_hint(tag_dir)
-    meta = read_meta(tag_dir, hint)
     own = tag_dir / "promoe"
     state = load_tensors(own / "dense.pt", hint)
     expert_file = own / f"experts_ep{ep_rank:04d}.pt"
@@ -192,4 +192,4 @@ def load(engine, model, ema, tag_dir: Path, *, rank: int, ep_rank: int) -> tuple
         if master(p) is not p:  # a bf16 weight (train.bf16_weights): its float32 master too
             master(p).copy_(state[name]["model"])
     ema.load_state_dict({n: state[n]["ema"] for n in ema.names})
-    return meta, rank_state
+    return rank_state

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from promoe_ds.config import ConfigError, ExpertSpec, load_config
+from promoe_ds.config import ConfigError, ExpertSpec, load_config, run_command
 
 
 def cmd_info(args) -> None:
@@ -142,11 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,6 +345,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
+
+
+def run_command(fn, *args) -> int:
+    """A command's exit code: ``fn(*args)``'s (0 for None), or 2 after one ``error: ...`` line on stderr for a
+    ConfigError (a user's mistake, never a traceback)."""
+    try:
+        return fn(*args) or 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def model_config_diff(theirs: dict, ours: ModelConfig, where: str) -> str:

@@ -70,11 +70,11 @@ def consolidate(tag_dir: Path, weights: str = "ema") -> tuple[dict[str, torch.Te
     what is missing when the tag cannot be fully consolidated."""
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
+    tags = complete_tags(tag_dir.parent)
     if not (tag_dir / META).is_file():
         raise ConfigError(f"checkpoint {str(tag_dir)!r} is incomplete: {META} absent (it is written last, so the "
-                          f"job stopped while saving this tag); complete tags: "
-                          f"{', '.join(complete_tags(tag_dir.parent)) or 'none'}")
-    others = [t for t in complete_tags(tag_dir.parent) if t != tag_dir.name]
+                          f"job stopped while saving this tag); complete tags: {', '.join(tags) or 'none'}")
+    others = [t for t in tags if t != tag_dir.name]
     hint = f"export another tag with --tag (other complete tags: {', '.join(others) or 'none'})"
     meta = read_meta(tag_dir, hint)
     cfg = model_config_from_dict(meta["config"]["model"])

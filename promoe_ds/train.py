@@ -243,7 +243,7 @@ def train(cfg: Config) -> int:
 
     start = 0
     if resume_dir is not None:
-        meta, rank_state = ckpt.load(engine, model, ema, resume_dir, rank=rank, ep_rank=ep_rank)
+        rank_state = ckpt.load(engine, model, ema, resume_dir, meta, rank=rank, ep_rank=ep_rank)
         start = int(meta["step"])
         data.load_state_dict(rank_state["data"])
         torch.set_rng_state(rank_state["rng"]["torch"])

@@ -51,8 +51,9 @@ def init_distributed() -> DistInfo:
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device, backend = torch.device("cpu"), "gloo"
+        # DeepSpeed's CPU accelerator compiles its shared-memory op at every start; CXX may be "ccache g++"
         cxx = os.environ.get("CXX", "c++")
-        if shutil.which((shlex.split(cxx) or ["c++"])[0]) is None:  # CXX may be "ccache g++"  # DeepSpeed's CPU accelerator compiles its shared-memory op at every start
+        if shutil.which((shlex.split(cxx) or ["c++"])[0]) is None:
             raise ConfigError(f"DeepSpeed on the CPU needs a C++ compiler to build its communication op: {cxx!r} "
                               "not found (install one, e.g. apt-get install g++, or set CXX)")
     import deepspeed  # after DS_ACCELERATOR is set
