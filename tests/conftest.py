@@ -7,6 +7,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers (dist_utils, slurm_env)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite tests/assets/golden_loss.json from this code's runs (a deliberate numeric change)")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
