@@ -144,6 +144,7 @@ class TrainConfig:
     resume: str = "auto"            # auto | none | path to a checkpoint tag directory
     init_from: str = ""             # exported .safetensors to start (fine-tune) from
     max_bad_steps: int = 10         # abort after this many non-finite losses in a row
+    collective_timeout: float = 900.0  # s a rank waits for the others (a collective, a step) before exiting 98
     compile: bool = False
     compile_cache: str = "auto"     # with compile: inductor's cache: auto (<out_dir>/compile_cache) | none (its default) | a dir
     cuda_graphs: bool = False       # with compile: replay the compiled forward/backward as CUDA graphs (ep_size 1)
@@ -178,7 +179,7 @@ _CHOICES = {
 _POSITIVE = ("model.input_size", "model.in_channels", "model.patch_size", "model.depth", "model.hidden_size",
              "model.num_heads", "model.num_classes", "model.moe.every", "train.steps", "train.global_batch",
              "train.ep_size", "train.log_every", "train.profile_steps", "train.keep_last", "train.max_bad_steps",
-             "model.moe.rcl_tau", "model.mlp_ratio", "objective.diffusion_steps")
+             "train.collective_timeout", "model.moe.rcl_tau", "model.mlp_ratio", "objective.diffusion_steps")
 _NON_NEGATIVE = ("train.lr", "train.ckpt_every", "train.profile_at", "train.warmup_steps", "train.micro_batch",
                  "train.grad_clip", "train.weight_decay", "data.num_workers")
 

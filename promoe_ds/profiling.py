@@ -25,6 +25,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from promoe_ds.parallel import watchdog
+
 # the trainer's step phases, as torch.profiler.record_function ranges
 PHASES = ("data", "forward", "backward", "optimizer", "ema", "bookkeeping")
 # first match wins; inductor's kernels are named triton_*, whatever ops they fuse
@@ -171,6 +173,8 @@ class StepProfiler:
 
 
 def phase(name: str) -> record_function:
-    """``with phase("forward"):`` marks a step phase for the profiler (near free when none runs)."""
+    """``with phase("forward"):`` marks a step phase for the profiler (near free when none runs) and for the
+    hang watchdog (what a rank stuck in it waits for)."""
     assert name in PHASES, name
+    watchdog.mark(name)
     return record_function(name)

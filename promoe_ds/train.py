@@ -6,7 +6,8 @@ seeded by (seed, step, micro-step, i) and each rank draws its own rows: a run's 
 depend on its world size or ep_size, and a resumed run continues exactly where it stopped.
 
 Exit status: 0 when ``train.steps`` is reached, 99 when a SIGTERM / SIGUSR1 made it checkpoint
-and stop (the Slurm template requeues the job on 99).
+and stop, 98 when another rank stopped answering for ``train.collective_timeout`` seconds
+(parallel/watchdog.py); the Slurm template requeues the job on 98 and 99.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from promoe_ds.ema import EMA
 from promoe_ds.metrics import MetricsLogger, train_flops_per_image
 from promoe_ds.models.dit import build_model, compile_model, count_params
 from promoe_ds.optim import AdamWEMA, keep_bf16_weights
+from promoe_ds.parallel import watchdog
 from promoe_ds.parallel.launch import init_distributed
 from promoe_ds.profiling import StepProfiler, phase
 
@@ -122,6 +124,7 @@ def finish(logger: MetricsLogger) -> None:
     interpreter exits (left to exit-time destructors, a rank whose peers had already gone once aborted with
     "terminate called without an active exception" after a finished run)."""
     logger.close()
+    watchdog.mark("finish")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -178,7 +181,7 @@ def compile_report() -> str:
 
 def train(cfg: Config) -> int:
     stop = StopFlag()  # first: a preemption signal during start-up must not kill the process
-    info = init_distributed()
+    info = init_distributed(cfg.train.collective_timeout)
     import deepspeed
     from deepspeed.moe.utils import configure_moe_param_groups
     from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, global_grad_norm, replica_group
@@ -206,6 +209,7 @@ def train(cfg: Config) -> int:
         except OSError as e:
             raise ConfigError(f"train.out_dir: cannot create {t.out_dir!r} ({e.strerror})") from None
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    watchdog.note_to(out_dir)
     counts = count_params(m)
     logger = MetricsLogger(out_dir, rank, device, t.global_batch, world,
                            train_flops_per_image(m, counts["activated_params"]), cfg.wandb, to_dict(cfg))
@@ -270,6 +274,7 @@ def train(cfg: Config) -> int:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def save(step: int) -> None:
+        watchdog.mark("checkpoint", step)
         meta = {"step": step, "world_size": world, "ep_size": t.ep_size,
                 "zero_stage": zero_stage, "config": to_dict(cfg),
                 "objective": cfg.objective.name, "version": promoe_ds.__version__}
@@ -299,6 +304,7 @@ def train(cfg: Config) -> int:
     data_state = data.state_dict()  # where a checkpoint of the last finished step resumes reading
     batch = micro_batch(step, 0) if step < t.steps else None
     while step < t.steps:
+        watchdog.mark("data", step + 1)
         if profiler:
             profiler.begin(step + 1)
         ok = torch.ones((), device=device)  # 0 once a micro-batch of this step had a non-finite loss on any rank
@@ -404,7 +410,11 @@ def main(config_path: str | None, overrides: list[str]) -> int:
     from promoe_ds.config import load_config
 
     cfg = load_config(config_path, overrides)
-    return train(cfg)
+    try:
+        return train(cfg)
+    except RuntimeError as e:  # a collective failed because another rank went away: one line, exit 98
+        watchdog.exit_if_peer_lost(e)
+        raise
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from promoe_ds.config import ConfigError
+from promoe_ds.parallel import watchdog
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,9 @@ def launcher_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(collective_timeout: float | None = None) -> DistInfo:
+    """The process group of this launch; ``collective_timeout`` (s): bound every collective's wait
+    (``watchdog.start``), else DeepSpeed's default timeout."""
     rank, world, local = launcher_env()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -58,7 +61,8 @@ def init_distributed() -> DistInfo:
                               "not found (install one, e.g. apt-get install g++, or set CXX)")
     import deepspeed  # after DS_ACCELERATOR is set
 
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    timeout = {} if collective_timeout is None else {"timeout": watchdog.start(collective_timeout, rank, world)}
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, **timeout)
     return DistInfo(rank, world, local, device, backend)
 
 
