@@ -89,6 +89,7 @@ class ModelConfig:
     num_classes: int = 1000
     learn_sigma: bool = True        # 8 output channels (flow uses the first 4)
     qk_norm: bool = False
+    pos_embed: str = "dit"          # 2-D sin-cos layout: dit (first half of the channels: column) | rows_first
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
@@ -166,6 +167,7 @@ class Config:
 
 
 _CHOICES = {
+    "model.pos_embed": ("dit", "rows_first"),
     "model.moe.router": ("none", "promoe", "promoe_ec", "tc", "ec"),
     "model.moe.activation": ("identity", "sigmoid", "softmax"),
     "model.moe.rcl_assign": ("topk", "top1"),
@@ -358,6 +360,17 @@ def run_command(fn, *args) -> int:
         return 2
 
 
+# The position-embedding layout of files (checkpoint meta.json, exported safetensors) written before the model config
+# recorded it: promoe-ds trained with the row coordinate in the first half of the channels.
+LEGACY_POS_EMBED = "rows_first"
+_noted: set[str] = set()
+
+
+def with_recorded_layout(d: dict) -> dict:
+    """A model config read from a file, with the position-embedding layout its weights were trained with."""
+    return {"pos_embed": LEGACY_POS_EMBED, **d}
+
+
 def model_config_diff(theirs: dict, ours: ModelConfig, where: str) -> str:
     """`` (model.k: X in <where>, Y here; ...)`` for the model settings (a ModelConfig as a dict, from a checkpoint
     or an exported file) that differ from ``ours``, preset names aside; "" when none does."""
@@ -365,13 +378,34 @@ def model_config_diff(theirs: dict, ours: ModelConfig, where: str) -> str:
         for k, v in d.items():
             yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
 
-    a, b = dict(flat(theirs)), dict(flat(to_dict(ours)))
+    a, b = dict(flat(with_recorded_layout(theirs))), dict(flat(to_dict(ours)))
     diff = [f"model.{k}: {a.get(k)!r} in {where}, {b.get(k)!r} here" for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k) and k != "preset"]
     return f" ({'; '.join(diff)})" if diff else ""
 
 
-def model_config_from_dict(d: dict) -> ModelConfig:
+def model_config_from_dict(d: dict, source: str = "") -> ModelConfig:
+    """The ModelConfig of a file's model settings (``source`` names the file). A file without a position-embedding
+    record was trained with the rows-first layout and keeps it (with one console note per file), so no weights
+    trained before the record existed change their outputs."""
+    if "pos_embed" not in d and source and source not in _noted:
+        from promoe_ds.parallel.launch import launcher_env
+
+        _noted.add(source)
+        if launcher_env()[0] == 0:  # one note per job, not per rank
+            print(f"note: {source} does not record its position-embedding layout (written by an earlier promoe-ds): "
+                  f"its model keeps the layout it was trained with, model.pos_embed={LEGACY_POS_EMBED}",
+                  file=sys.stderr)
     mc = ModelConfig()
-    _fill(mc, d, "model.")
+    _fill(mc, with_recorded_layout(d), "model.")
     return mc
+
+
+def adopt_pos_embed(ours: ModelConfig, theirs: dict, source: str) -> str:
+    """Resumed or fine-tuned weights keep the position-embedding layout they were trained with: sets ``ours``'s
+    to that of ``source``'s model settings ``theirs`` and returns a line saying so when the config had another."""
+    layout, configured = model_config_from_dict(theirs, source).pos_embed, ours.pos_embed
+    ours.pos_embed = layout
+    if layout == configured or "pos_embed" not in theirs:  # no record: the note has said it
+        return ""
+    return f"model.pos_embed={layout}: the layout of {source}'s weights (the config has {configured})"

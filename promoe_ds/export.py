@@ -7,7 +7,8 @@ same way, on CPU, without a process group. The file holds every parameter under 
 a 1-process model (the routed experts of each layer concatenated in global-expert order), the EMA
 weights by default, and string metadata:
 
-- ``config``: the model config (JSON), enough to rebuild the model (``load_pretrained``);
+- ``config``: the model config (JSON), enough to rebuild the model (``load_pretrained``), the position-embedding
+  layout (``pos_embed``) included: a checkpoint that does not record it was trained with the rows-first layout;
 - ``objective``: the objective config (JSON: name, shift, diffusion steps, ...) for the sampler;
 - ``step``, ``weights`` (ema | model), ``promoe_ds_version``, ``source`` (the tag directory),
   ``train_config`` (the whole training config, for provenance);
@@ -28,7 +29,8 @@ from safetensors.torch import save_file
 
 import promoe_ds
 from promoe_ds.checkpoint import LATEST, META, complete_tags, load_tensors, read_meta
-from promoe_ds.config import ConfigError, ModelConfig, model_config_diff, model_config_from_dict
+from promoe_ds.config import (ConfigError, ModelConfig, model_config_diff, model_config_from_dict,
+                              with_recorded_layout)
 from promoe_ds.models.dit import DiT, build_model
 from promoe_ds.models.moe import routed_expert_layer
 
@@ -77,7 +79,7 @@ def consolidate(tag_dir: Path, weights: str = "ema") -> tuple[dict[str, torch.Te
     others = [t for t in tags if t != tag_dir.name]
     hint = f"export another tag with --tag (other complete tags: {', '.join(others) or 'none'})"
     meta = read_meta(tag_dir, hint)
-    cfg = model_config_from_dict(meta["config"]["model"])
+    cfg = model_config_from_dict(meta["config"]["model"], f"checkpoint {str(tag_dir)!r}")
     shapes = model_shapes(cfg)
     own = tag_dir / "promoe"
     expert_files = [f"experts_ep{k:04d}.pt" for k in range(meta["ep_size"])] if any(map(routed_expert_layer, shapes)) else []
@@ -145,7 +147,7 @@ def export(checkpoint: str | Path, out: str | Path, tag: str | None = None, weig
     state, meta = consolidate(tag_dir, weights)
     train_config = meta["config"]
     metadata = {
-        "config": json.dumps(train_config["model"]),
+        "config": json.dumps(with_recorded_layout(train_config["model"])),  # the position-embedding layout recorded
         "objective": json.dumps(train_config["objective"]),
         "step": str(meta["step"]),
         "weights": weights,
@@ -200,9 +202,13 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 @torch.no_grad()
 def load_into(model: DiT, path: str | Path) -> dict[str, str]:
     """Copy the weights of an exported file into ``model``, which may hold only a slice of the routed
-    experts (expert parallelism); ConfigError if the file's model differs in any shape. Returns the
-    file's metadata."""
+    experts (expert parallelism); ConfigError if the file's model differs in any shape or in the
+    position-embedding layout. Returns the file's metadata."""
     meta = read_metadata(path)
+    layout = model_config_from_dict(json.loads(meta["config"]), f"weights file {str(path)!r}").pos_embed
+    if layout != model.cfg.pos_embed:
+        raise ConfigError(f"weights file {str(path)!r} was trained with model.pos_embed={layout}, this model has "
+                          f"{model.cfg.pos_embed}: its outputs would change")
     params = dict(model.named_parameters())
     want, rows = {}, {}  # full (1-process) shape of each parameter; this rank's rows of routed ones
     for name, p in params.items():
@@ -228,7 +234,7 @@ def load_into(model: DiT, path: str | Path) -> dict[str, str]:
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> DiT:
     """The model of an exported file, rebuilt from its metadata alone, in eval mode on ``device``
     with the fastest expert backend for it."""
-    cfg = model_config_from_dict(json.loads(read_metadata(path)["config"]))
+    cfg = model_config_from_dict(json.loads(read_metadata(path)["config"]), f"weights file {str(path)!r}")
     model = build_model(cfg)
     load_into(model, path)
     device = torch.device(device)

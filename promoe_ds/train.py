@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 import promoe_ds
 from promoe_ds import checkpoint as ckpt
-from promoe_ds.config import Config, ConfigError, to_dict
+from promoe_ds.config import Config, ConfigError, adopt_pos_embed, to_dict
 from promoe_ds.data import build_latent_source, stable_seed
 from promoe_ds.diffusion import build_objective
 from promoe_ds.ds_config import adamw_params, batch_layout, build_ds_config
@@ -196,9 +196,18 @@ def train(cfg: Config) -> int:
     out_dir = Path(t.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     resume_dir = ckpt.find_resume(ckpt_dir, t.resume)
+    adopted = ""
     if resume_dir is not None:
         meta = ckpt.read_meta(resume_dir, ckpt.resume_hint(resume_dir))
         ckpt.check_layout(meta, world, t.ep_size, zero_stage, resume_dir)
+        adopted = adopt_pos_embed(cfg.model, meta["config"]["model"], f"checkpoint {str(resume_dir)!r}")
+    elif t.init_from:
+        from promoe_ds.export import read_metadata
+
+        adopted = adopt_pos_embed(cfg.model, json.loads(read_metadata(t.init_from)["config"]),
+                                  f"weights file {t.init_from!r}")
+    if adopted and rank == 0:
+        print(adopted, flush=True)
     m = cfg.model
     latent_shape = (m.in_channels, m.input_size, m.input_size)
     data = build_latent_source(cfg.data, latent_shape=latent_shape, num_classes=m.num_classes, micro_batch=micro,

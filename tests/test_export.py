@@ -61,6 +61,7 @@ def test_export_metadata_and_tag_selection(live, tmp_path):
     meta = read_metadata(out)
     cfg = load_config(TINY)
     assert json.loads(meta["config"])["hidden_size"] == cfg.model.hidden_size
+    assert json.loads(meta["config"])["pos_embed"] == "dit"  # the layout recorded
     assert json.loads(meta["objective"])["name"] == "flow"
     assert (meta["step"], meta["weights"], meta["promoe_ds_version"]) == ("3", "ema", "0.1.0")
     assert json.loads(meta["train_config"])["train"]["ep_size"] == 2

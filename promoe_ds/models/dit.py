@@ -26,15 +26,18 @@ def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def sincos_pos_embed(dim: int, grid: int) -> np.ndarray:
-    """Fixed 2-D sin-cos embedding [grid*grid, dim]: half the channels encode rows, half columns."""
+def sincos_pos_embed(dim: int, grid: int, layout: str = "dit") -> np.ndarray:
+    """Fixed 2-D sin-cos embedding [grid*grid, dim] of the row-major patch grid: half the channels encode the
+    column coordinate, half the row. ``dit``: the column first, as DiT's and ProMoE's code build it (so their
+    weights run unchanged); ``rows_first``: the row first, the layout of promoe-ds files without a record."""
     def one_axis(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    gw, gh = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))
-    return np.concatenate([one_axis(dim // 2, gh), one_axis(dim // 2, gw)], axis=1)
+    cols, rows = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))
+    halves = [one_axis(dim // 2, cols), one_axis(dim // 2, rows)]
+    return np.concatenate(halves[::-1] if layout == "rows_first" else halves, axis=1)
 
 
 class TimestepEmbedder(nn.Module):
@@ -128,7 +131,7 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = nn.Embedding(cfg.num_classes + 1, d)  # row num_classes = null class
         grid = cfg.input_size // p
-        self.register_buffer("pos_embed", torch.from_numpy(sincos_pos_embed(d, grid)).float()[None],
+        self.register_buffer("pos_embed", torch.from_numpy(sincos_pos_embed(d, grid, cfg.pos_embed)).float()[None],
                              persistent=False)
         every = cfg.moe.every
         self.moe_blocks = ([i for i in range(cfg.depth) if i % every == every - 1]
