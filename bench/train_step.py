@@ -46,7 +46,7 @@ from promoe_ds.models.dit import build_model, compile_model, count_params
 from promoe_ds.optim import AdamWEMA, keep_bf16_weights
 from promoe_ds.parallel.ep import global_grad_norm
 from promoe_ds.scaling import ScalingError, add_ratios, markdown_table, summarize
-from promoe_ds.train import clip_in_adamw
+from promoe_ds.train import clip_in_adamw, diffusion_losses
 
 COMPILERS = {None: lambda m: m,   # eager
              "torch": torch.compile,  # plain torch.compile: the dense reference
@@ -95,15 +95,9 @@ def make_step(preset: str, backend: str | None, compiler: str | None, batch: int
 
     def step(i, mark=lambda phase: None):
         x0, y, draws = batches[i % len(batches)]
-        aux = {}
-
-        def model_fn(xt, t):
-            out, a = fwd(xt, t, y)
-            aux.update(a)
-            return out
-
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = objective.training_losses(model_fn, x0, draws)["loss"] + aux["aux_loss"]
+            losses, aux = diffusion_losses(objective, fwd, x0, y, draws)
+            loss = losses["loss"] + aux["aux_loss"]
         mark("forward")
         loss.backward()
         mark("backward")

@@ -179,240 +179,318 @@ def compile_report() -> str:
     return f" (torch.compile: {hit} of {hit + miss} graphs from the cache)"
 
 
-def train(cfg: Config) -> int:
-    stop = StopFlag()  # first: a preemption signal during start-up must not kill the process
-    info = init_distributed(cfg.train.collective_timeout)
-    import deepspeed
-    from deepspeed.moe.utils import configure_moe_param_groups
-    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, global_grad_norm, replica_group
+def diffusion_losses(objective, forward, x0: torch.Tensor, y: torch.Tensor, draws: dict) -> tuple[dict, dict]:
+    """(the objective's losses, the model's auxiliary outputs) of one micro-batch: ``forward(x_t, t, y)`` returns
+    the prediction and the MoE layers' auxiliary losses (``aux_loss`` = RCL, Eq. 6, + load balancing, weighted),
+    which the objective, calling the model on its own noised input, does not see. The trainer's step and the
+    benchmark's (bench/train_step.py)."""
+    aux = {}
 
-    t, rank, world, device = cfg.train, info.rank, info.world_size, info.device
-    on_gpu = device.type == "cuda"
-    preflight(cfg, world, device)
-    ds_cfg = build_ds_config(t, world, on_gpu)
-    micro, gas = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
-    bf16 = ds_cfg["torch_autocast"]["enabled"]
-    zero_stage = int(ds_cfg["zero_optimization"].get("stage", 0))
-    out_dir = Path(t.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    resume_dir = ckpt.find_resume(ckpt_dir, t.resume)
-    adopted = ""
-    if resume_dir is not None:
-        meta = ckpt.read_meta(resume_dir, ckpt.resume_hint(resume_dir))
-        ckpt.check_layout(meta, world, t.ep_size, zero_stage, resume_dir)
-        adopted = adopt_pos_embed(cfg.model, meta["config"]["model"], f"checkpoint {str(resume_dir)!r}")
-    elif t.init_from:
-        from promoe_ds.export import read_metadata
+    def model_fn(xt, t):
+        out, a = forward(xt, t, y)
+        aux.update(a)
+        return out
 
-        adopted = adopt_pos_embed(cfg.model, json.loads(read_metadata(t.init_from)["config"]),
-                                  f"weights file {t.init_from!r}")
-    if adopted and rank == 0:
-        print(adopted, flush=True)
-    m = cfg.model
-    latent_shape = (m.in_channels, m.input_size, m.input_size)
-    data = build_latent_source(cfg.data, latent_shape=latent_shape, num_classes=m.num_classes, micro_batch=micro,
-                               rank=rank, world_size=world, seed=t.seed)
-    if rank == 0:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"train.out_dir: cannot create {t.out_dir!r} ({e.strerror})") from None
-        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    watchdog.note_to(out_dir)
-    counts = count_params(m)
-    logger = MetricsLogger(out_dir, rank, device, t.global_batch, world,
-                           train_flops_per_image(m, counts["activated_params"]), cfg.wandb, to_dict(cfg))
+    return objective.training_losses(model_fn, x0, draws), aux
 
-    is_moe = m.moe.router != "none"
-    ep_rank = create_groups(t.ep_size) if is_moe else 0
-    model = build_model(m, seed=t.seed, ep_size=t.ep_size, ep_rank=ep_rank)
-    backend = model.set_expert_backend(m.moe.backend, device)
-    model.grad_checkpoint = t.grad_checkpoint
-    if t.init_from and resume_dir is None:
-        from promoe_ds.export import load_into
 
-        load_into(model, t.init_from)
-        if rank == 0:
-            print(f"weights initialised from {t.init_from}", flush=True)
-    if is_moe:
-        apply_expert_parallel(model, t.ep_size)
-    model.to(device)
-    params = list(model.parameters())
-    ema = EMA(model, t.ema_decay, replicas=replica_group)  # sharded over the ranks holding the same weights
-    if t.bf16_weights:  # after the EMA took the float32 values
-        keep_bf16_weights(model)
-    optimizer = None  # DeepSpeed's, from its config
-    if t.fused_ema:  # AdamW updates the EMA in its own pass (ZeRO-0); the param groups DeepSpeed's optimizer
-        # would get (MoE: dense and expert groups), so either optimizer resumes the other's checkpoints
-        optimizer = AdamWEMA(configure_moe_param_groups(params) if is_moe else params, ema.averages(), t.ema_decay,
-                             **adamw_params(t))
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer, config=ds_cfg)
-    if zero_stage == 0 and world == 1:
-        # one rank: DeepSpeed's reduction would only flatten the gradients, scale them by 1 and copy them back
-        # (measured: 3.5% of the step); DeepSpeed itself turns it off only when there is no process group
-        engine.enable_backward_allreduce = False
-    objective = build_objective(cfg.objective)
-    expert_writer = (rank // t.ep_size) == 0  # first expert-data-parallel replica of each EP rank
+class Trainer:
+    """One process's part of a training run, torchtitan's shape: ``__init__`` builds everything (process group,
+    data, model, EMA, DeepSpeed engine) and resumes from the newest checkpoint; ``train()`` runs the steps,
+    ``train_step()`` is one optimizer step; ``state_dict()`` / ``load_state_dict()`` are what a checkpoint keeps
+    of this rank besides the engine, the weights and the EMA.
 
-    start = 0
-    if resume_dir is not None:
-        rank_state = ckpt.load(engine, model, ema, resume_dir, meta, rank=rank, ep_rank=ep_rank)
-        start = int(meta["step"])
-        data.load_state_dict(rank_state["data"])
-        torch.set_rng_state(rank_state["rng"]["torch"])
-        if rank == 0:
-            print(f"resumed from {resume_dir.name} at step {start}", flush=True)
+    The step keeps the host ahead of the GPU: nothing in it waits for the device but the ZeRO-0 optimizer's
+    "update applied" flag; loss flags are read one step late (``LateRead``, ``StopFlag``), and the next
+    micro-batch is read and drawn while the GPU runs the backward."""
 
-    forward = engine
-    if t.compile:
-        cache = use_compile_cache(t.compile_cache, out_dir)
-        forward = compile_model(engine.module, cuda_graphs=t.cuda_graphs)
-        if rank == 0:
-            print(f"torch.compile: the first steps compile (minutes for the XL presets, less from a warm cache); "
-                  f"cache {cache}", flush=True)
-    precision = ("bf16 autocast" + (", bf16 weights" if t.bf16_weights else "")) if bf16 else "fp32"
-    if rank == 0:
+    def __init__(self, cfg: Config):
+        self.stop = StopFlag()  # first: a preemption signal during start-up must not kill the process
+        info = init_distributed(cfg.train.collective_timeout)
+        self.cfg, t = cfg, cfg.train
+        self.rank, self.world, self.device = info.rank, info.world_size, info.device
+        preflight(cfg, self.world, self.device)
+        self.ds_cfg = build_ds_config(t, self.world, self.device.type == "cuda")
+        self.micro = self.ds_cfg["train_micro_batch_size_per_gpu"]
+        self.gas = self.ds_cfg["gradient_accumulation_steps"]
+        self.zero_stage = int(self.ds_cfg["zero_optimization"].get("stage", 0))
+        self.out_dir = Path(t.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        resume_dir, meta = self._resume_point()
+        m = cfg.model
+        self.latent_shape = (m.in_channels, m.input_size, m.input_size)
+        self.data = build_latent_source(cfg.data, latent_shape=self.latent_shape, num_classes=m.num_classes,
+                                        micro_batch=self.micro, rank=self.rank, world_size=self.world, seed=t.seed)
+        if self.rank == 0:
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"train.out_dir: cannot create {t.out_dir!r} ({e.strerror})") from None
+            (self.out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        watchdog.note_to(self.out_dir)
+        self.counts = count_params(m)
+        self.logger = MetricsLogger(self.out_dir, self.rank, self.device, t.global_batch, self.world,
+                                    train_flops_per_image(m, self.counts["activated_params"]), cfg.wandb, to_dict(cfg))
+        self._build_model(from_scratch=resume_dir is None)
+        self.objective = build_objective(cfg.objective)
+        self.step = 0
+        if resume_dir is not None:
+            self.load_checkpoint(resume_dir, meta)
+        self.forward = self.engine
+        if t.compile:
+            cache = use_compile_cache(t.compile_cache, self.out_dir)
+            self.forward = compile_model(self.engine.module, cuda_graphs=t.cuda_graphs)
+            if self.rank == 0:
+                print(f"torch.compile: the first steps compile (minutes for the XL presets, less from a warm "
+                      f"cache); cache {cache}", flush=True)
+        self._announce()
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                       enabled=self.ds_cfg["torch_autocast"]["enabled"])
+        self.profiler = (StepProfiler(self.out_dir, self.rank, t.profile_at, t.profile_steps, self.device,
+                                      t.profile_python) if t.profile_at else None)
+        self.bad_in_a_row = self.skipped = 0
+        self.data_state = None  # where a checkpoint of the last finished step resumes reading (train())
+        self.batch = None  # the next micro-batch, on the device
+
+    def _resume_point(self) -> tuple[Path | None, dict | None]:
+        """(the checkpoint tag this run resumes from, its meta.json), or (None, None) for a new run. The model
+        takes the position-embedding layout of the weights it starts from (the checkpoint's, or
+        ``train.init_from``'s)."""
+        t = self.cfg.train
+        resume_dir, meta, adopted = ckpt.find_resume(self.ckpt_dir, t.resume), None, ""
+        if resume_dir is not None:
+            meta = ckpt.read_meta(resume_dir, ckpt.resume_hint(resume_dir))
+            ckpt.check_layout(meta, self.world, t.ep_size, self.zero_stage, resume_dir)
+            adopted = adopt_pos_embed(self.cfg.model, meta["config"]["model"], f"checkpoint {str(resume_dir)!r}")
+        elif t.init_from:
+            from promoe_ds.export import read_metadata
+
+            adopted = adopt_pos_embed(self.cfg.model, json.loads(read_metadata(t.init_from)["config"]),
+                                      f"weights file {t.init_from!r}")
+        if adopted and self.rank == 0:
+            print(adopted, flush=True)
+        return resume_dir, meta
+
+    def _build_model(self, from_scratch: bool) -> None:
+        """The model (this rank's slice of the routed experts), its EMA, the optimizer and the DeepSpeed engine."""
+        import deepspeed
+        from deepspeed.moe.utils import configure_moe_param_groups
+
+        from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, replica_group
+
+        t, m = self.cfg.train, self.cfg.model
+        self.is_moe = m.moe.router != "none"
+        self.ep_rank = create_groups(t.ep_size) if self.is_moe else 0
+        self.expert_writer = (self.rank // t.ep_size) == 0  # first expert-data-parallel replica of each EP rank
+        self.model = build_model(m, seed=t.seed, ep_size=t.ep_size, ep_rank=self.ep_rank)
+        self.backend = self.model.set_expert_backend(m.moe.backend, self.device)
+        self.model.grad_checkpoint = t.grad_checkpoint
+        if t.init_from and from_scratch:
+            from promoe_ds.export import load_into
+
+            load_into(self.model, t.init_from)
+            if self.rank == 0:
+                print(f"weights initialised from {t.init_from}", flush=True)
+        if self.is_moe:
+            apply_expert_parallel(self.model, t.ep_size)
+        self.model.to(self.device)
+        self.params = list(self.model.parameters())
+        self.ema = EMA(self.model, t.ema_decay, replicas=replica_group)  # sharded over the ranks holding a copy
+        if t.bf16_weights:  # after the EMA took the float32 values
+            keep_bf16_weights(self.model)
+        optimizer = None  # DeepSpeed's, from its config
+        if t.fused_ema:  # AdamW updates the EMA in its own pass (ZeRO-0); the param groups DeepSpeed's optimizer
+            # would get (MoE: dense and expert groups), so either optimizer resumes the other's checkpoints
+            groups = configure_moe_param_groups(self.params) if self.is_moe else self.params
+            optimizer = AdamWEMA(groups, self.ema.averages(), t.ema_decay, **adamw_params(t))
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, model_parameters=self.params,
+                                                    optimizer=optimizer, config=self.ds_cfg)
+        if self.zero_stage == 0 and self.world == 1:
+            # one rank: DeepSpeed's reduction would only flatten the gradients, scale them by 1 and copy them
+            # back (3.5% of a ProMoE-XL step on an H100); DeepSpeed turns it off only without a process group
+            self.engine.enable_backward_allreduce = False
+
+    def _announce(self) -> None:
+        """Rank 0's start-up line: model, layout, batch, precision, steps."""
+        t, m, c = self.cfg.train, self.cfg.model, self.counts
+        if self.rank != 0:
+            return
+        precision = "fp32"
+        if self.ds_cfg["torch_autocast"]["enabled"]:
+            precision = "bf16 autocast" + (", bf16 weights" if t.bf16_weights else "")
         print(f"promoe-ds {promoe_ds.__version__}: {m.preset or 'custom'} "
-              f"{counts['total_params'] / 1e6:.1f}M params ({counts['activated_params'] / 1e6:.1f}M activated), "
-              f"world {world}, ep_size {t.ep_size}, ZeRO-{zero_stage}, "
-              f"micro-batch {micro} x grad-accum {gas}, {precision}, "
-              f"experts '{backend}', steps {start} -> {t.steps}", flush=True)
-        if start >= t.steps:
-            print(f"nothing to train: the checkpoint is at step {start}, train.steps={t.steps} "
+              f"{c['total_params'] / 1e6:.1f}M params ({c['activated_params'] / 1e6:.1f}M activated), "
+              f"world {self.world}, ep_size {t.ep_size}, ZeRO-{self.zero_stage}, "
+              f"micro-batch {self.micro} x grad-accum {self.gas}, {precision}, "
+              f"experts '{self.backend}', steps {self.step} -> {t.steps}", flush=True)
+        if self.step >= t.steps:
+            print(f"nothing to train: the checkpoint is at step {self.step}, train.steps={t.steps} "
                   "(raise train.steps to go on)", flush=True)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    def save(step: int) -> None:
-        watchdog.mark("checkpoint", step)
-        meta = {"step": step, "world_size": world, "ep_size": t.ep_size,
-                "zero_stage": zero_stage, "config": to_dict(cfg),
-                "objective": cfg.objective.name, "version": promoe_ds.__version__}
-        rank_state = {"data": data_state, "rng": {"torch": torch.get_rng_state()},
-                      "param_digest": ckpt.param_digest(model)}
-        tag_dir = ckpt.save(engine, model, ema, ckpt_dir, step, meta, rank_state, rank=rank, ep_rank=ep_rank,
-                            expert_writer=expert_writer, keep_last=t.keep_last)
-        if rank == 0:
+    # ---- checkpoints -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """This rank's state that a checkpoint keeps besides engine, weights and EMA: where its data stream
+        resumes reading (after the last finished step), the RNG state, and a digest of its parameters."""
+        return {"data": self.data_state, "rng": {"torch": torch.get_rng_state()},
+                "param_digest": ckpt.param_digest(self.model)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.data.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+
+    def save_checkpoint(self) -> None:
+        watchdog.mark("checkpoint", self.step)
+        t = self.cfg.train
+        meta = {"step": self.step, "world_size": self.world, "ep_size": t.ep_size, "zero_stage": self.zero_stage,
+                "config": to_dict(self.cfg), "objective": self.cfg.objective.name, "version": promoe_ds.__version__}
+        tag_dir = ckpt.save(self.engine, self.model, self.ema, self.ckpt_dir, self.step, meta, self.state_dict(),
+                            rank=self.rank, ep_rank=self.ep_rank, expert_writer=self.expert_writer,
+                            keep_last=t.keep_last)
+        if self.rank == 0:
             print(f"checkpoint {tag_dir}", flush=True)
 
-    profiler = (StepProfiler(out_dir, rank, t.profile_at, t.profile_steps, device, t.profile_python)
-                if t.profile_at else None)
+    def load_checkpoint(self, tag_dir: Path, meta: dict) -> None:
+        """Engine, weights, EMA and this rank's state from ``tag_dir`` (its ``meta.json`` read: ``meta``)."""
+        self.load_state_dict(ckpt.load(self.engine, self.model, self.ema, tag_dir, meta, rank=self.rank,
+                                       ep_rank=self.ep_rank))
+        self.step = int(meta["step"])
+        if self.rank == 0:
+            print(f"resumed from {tag_dir.name} at step {self.step}", flush=True)
 
-    def micro_batch(s: int, mi: int):
-        """Micro-batch ``mi`` of step ``s`` (0-based) on the device: read, random draws, CFG's null label; the
-        copies are queued, nothing waits for the GPU."""
+    # ---- the step ----------------------------------------------------------------------------------------
+
+    def micro_batch(self, step: int, mi: int):
+        """Micro-batch ``mi`` of step ``step`` (0-based) on the device: read, random draws, CFG's null label;
+        the copies are queued, nothing waits for the GPU."""
         with phase("data"):
-            x0, y = data.next_batch()
-            draws = step_draws(objective, cfg, s, mi, latent_shape, range(rank * micro, (rank + 1) * micro))
-            y = torch.where(draws.pop("drop"), torch.full_like(y, m.num_classes), y)  # CFG's null label
-            return to_device((x0, y, draws), device)
+            x0, y = self.data.next_batch()
+            rows = range(self.rank * self.micro, (self.rank + 1) * self.micro)
+            draws = step_draws(self.objective, self.cfg, step, mi, self.latent_shape, rows)
+            y = torch.where(draws.pop("drop"), torch.full_like(y, self.cfg.model.num_classes), y)  # CFG's null label
+            return to_device((x0, y, draws), self.device)
 
-    bad_in_a_row, skipped = 0, 0
-    step = start
-    started = time.perf_counter()
-    logger.start()
-    data_state = data.state_dict()  # where a checkpoint of the last finished step resumes reading
-    batch = micro_batch(step, 0) if step < t.steps else None
-    while step < t.steps:
-        watchdog.mark("data", step + 1)
-        if profiler:
-            profiler.begin(step + 1)
-        ok = torch.ones((), device=device)  # 0 once a micro-batch of this step had a non-finite loss on any rank
-        for mi in range(gas):
-            x0, y, draws = batch
+    def prefetch(self, mi: int) -> None:
+        """The micro-batch after micro-batch ``mi`` of this step, into ``self.batch``. Called while the GPU works
+        through ``mi``'s backward: after the optimizer's host sync the GPU has only AdamW and the EMA queued,
+        and would sit idle while the host read and drew the next batch."""
+        if mi + 1 < self.gas:
+            step, mi = self.step, mi + 1
+        else:  # the step's last micro-batch: a checkpoint of this step resumes reading from here
+            step, mi, self.data_state = self.step + 1, 0, self.data.state_dict()
+        self.batch = self.micro_batch(step, mi) if step < self.cfg.train.steps else None
+
+    def train_step(self) -> tuple[bool, bool]:
+        """One optimizer step over ``gas`` micro-batches of ``self.batch`` onwards; (update applied, non-finite
+        loss). A non-finite loss on any rank turns every rank's loss, from that micro-batch on, into NaN, so
+        that DeepSpeed's own overflow skip drops the whole step on every rank (see ``after_step``)."""
+        ok = torch.ones((), device=self.device)  # 0 once a micro-batch of this step had a non-finite loss
+        for mi in range(self.gas):
+            x0, y, draws = self.batch
             with phase("forward"):
-                aux = {}
-
-                def model_fn(xt, tt):
-                    out, a = forward(xt, tt, y)
-                    aux.update(a)
-                    return out
-
-                with autocast:
-                    losses = objective.training_losses(model_fn, x0, draws)
+                with self.autocast:
+                    losses, aux = diffusion_losses(self.objective, self.forward, x0, y, draws)
                 loss = losses["loss"] + aux["aux_loss"]
                 finite = torch.isfinite(loss.detach()).float()
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
                 ok = ok * finite
-                # x 1, or x NaN from the first bad micro-batch on: every rank's gradients turn NaN (see below)
-                loss = loss * torch.where(ok > 0, 1.0, float("nan"))
+                loss = loss * torch.where(ok > 0, 1.0, float("nan"))  # x 1, or x NaN from the first bad micro-batch
                 bad_read = LateRead(ok)  # copied before the backward is queued: read after step(), it waits for nothing
             with phase("backward"):
-                engine.backward(loss)
-            # The next micro-batch's host work runs here, while the GPU works through this backward: after the
-            # optimizer's host sync below the GPU has only AdamW and the EMA queued, and would sit idle while the
-            # host read and drew the next batch (measured: docs/speed.md, "The host's share of the step").
-            if mi + 1 < gas:
-                nxt = (step, mi + 1)
-            else:  # the step's last micro-batch: a checkpoint of this step resumes reading from here
-                nxt, data_state = (step + 1, 0), data.state_dict()
-            batch = micro_batch(*nxt) if nxt[0] < t.steps else None
+                self.engine.backward(loss)
+            self.prefetch(mi)
             with phase("optimizer"):
-                if zero_stage == 0 and mi == gas - 1:
-                    # DeepSpeed's ZeRO-0 would clip per parameter in Python and apply non-finite gradients
-                    norm = global_grad_norm(params, t.ep_size)
-                    update_ok = clip_in_adamw(engine.optimizer, norm, t.grad_clip, ok)
-                    # what the engine reads from its optimizer: it then counts a skip, holds the LR schedule and
-                    # reports the norm as under ZeRO-1/2. The step's one host sync (without it: no faster, docs/speed.md)
-                    engine.optimizer._global_grad_norm = norm
-                    engine.optimizer.overflow = update_ok.item() == 0
-                engine.step()
+                if self.zero_stage == 0 and mi == self.gas - 1:
+                    self.clip_and_check(ok)
+                self.engine.step()
             # device tensors, summed on the GPU and read at the next log; micro-batches of a bad step left out
-            logger.add({"rcl": aux["rcl"], "lb": aux["lb"], **losses}, aux.get("counts"), keep=ok)
-        # Skipping a step with a non-finite loss is DeepSpeed's own fp16-overflow skip, with no host sync of
-        # ours: the loss check is all-reduced, and from the first bad micro-batch on every rank multiplies its
-        # loss by NaN, so every gradient that the loss reaches turns NaN on every rank, the all-to-alls of the
-        # backward running as usual. At the accumulation boundary the ZeRO-1/2 optimizer's step() finds the
-        # global gradient norm non-finite (checked for fp32 master weights too; the non-expert norm is summed
-        # over all ranks), sets `overflow`, drops the gradients accumulated over ALL micro-batches of the step
-        # and returns before AdamW runs: weights, moments and AdamW's step count stay bit for bit (ZeRO-0:
-        # clip_in_adamw does the same). The engine counts the step in its skipped_steps, does not step the LR
-        # scheduler and advances its micro/global step counters as usual, so the next step is a normal one.
-        # DeepSpeed also skips steps whose losses were finite but whose gradients were not, so EMA and the
-        # counters follow was_step_applied(). An optimizer without this check
-        # (zero_optimization.compute_grad_norm=false) would have applied the NaNs: stop, never train on.
-        applied = engine.was_step_applied()
-        bad = bad_read.get().item() == 0
-        step += 1
-        if step == start + 1 and rank == 0:
-            print(f"step {step}: {time.perf_counter() - started:.1f} s{compile_report() if t.compile else ''}",
-                  flush=True)
-        logger.step()
+            self.logger.add({"rcl": aux["rcl"], "lb": aux["lb"], **losses}, aux.get("counts"), keep=ok)
+        return self.engine.was_step_applied(), bad_read.get().item() == 0
+
+    def clip_and_check(self, ok: torch.Tensor) -> None:
+        """ZeRO-0's clipping and non-finite skip, inside the fused AdamW (DeepSpeed's ZeRO-0 would clip per
+        parameter in Python and apply non-finite gradients). The engine reads its optimizer's ``overflow`` and
+        ``_global_grad_norm``: it then counts a skip, holds the LR schedule and reports the norm as under
+        ZeRO-1/2. Reading the flag is the step's one host sync (deferring it made the step no faster)."""
+        from promoe_ds.parallel.ep import global_grad_norm  # imports DeepSpeed: after init_distributed
+
+        norm = global_grad_norm(self.params, self.cfg.train.ep_size)
+        update_ok = clip_in_adamw(self.engine.optimizer, norm, self.cfg.train.grad_clip, ok)
+        self.engine.optimizer._global_grad_norm = norm
+        self.engine.optimizer.overflow = update_ok.item() == 0
+
+    def after_step(self, applied: bool, bad: bool) -> None:
+        """Counts a skipped update, or updates the EMA.
+
+        A step with a non-finite loss is skipped by DeepSpeed's own fp16-overflow skip, with no host sync of
+        ours: every rank's gradients are NaN (``train_step``), the all-to-alls of the backward running as usual.
+        At the accumulation boundary the ZeRO-1/2 optimizer finds the global gradient norm non-finite (for fp32
+        master weights too; the non-expert norm summed over all ranks), drops the gradients of ALL micro-batches
+        of the step and returns before AdamW runs: weights, moments and AdamW's step count stay bit for bit
+        (ZeRO-0: ``clip_in_adamw`` does the same). The engine counts the skip, holds the LR schedule and
+        advances its step counters, so the next step is a normal one. Steps whose losses were finite but whose
+        gradients were not are skipped too, so the EMA and the counters follow ``was_step_applied()``. An
+        optimizer without this check (zero_optimization.compute_grad_norm=false) would have applied the NaNs:
+        then the run stops rather than train on."""
+        t = self.cfg.train
         if bad and applied:
-            raise RuntimeError(f"step {step}: DeepSpeed applied an update with non-finite gradients (its optimizer "
-                               "has no overflow skip: keep zero_optimization.compute_grad_norm=true); "
-                               f"the weights are invalid, resume from the last checkpoint in {ckpt_dir}")
-        if not applied:
-            skipped += 1
-            bad_in_a_row += 1
-            if rank == 0:
-                print(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row, "
-                      f"{skipped} total)", flush=True)
-            if bad_in_a_row >= t.max_bad_steps:
-                raise RuntimeError(f"step {step}: {bad_in_a_row} step(s) in a row skipped for a non-finite loss or "
-                                   f"gradient: aborting (train.max_bad_steps={t.max_bad_steps}); last good "
-                                   f"checkpoint in {ckpt_dir}")
-        else:
-            bad_in_a_row = 0
+            raise RuntimeError(f"step {self.step}: DeepSpeed applied an update with non-finite gradients (its "
+                               "optimizer has no overflow skip: keep zero_optimization.compute_grad_norm=true); "
+                               f"the weights are invalid, resume from the last checkpoint in {self.ckpt_dir}")
+        if applied:
+            self.bad_in_a_row = 0
             if not t.fused_ema:
                 with phase("ema"):
-                    ema.update()
-        with phase("bookkeeping"):
-            if step % t.log_every == 0 or step == t.steps:
-                logger.log(step, {"grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                                  "lr": engine.get_lr()[0], "skipped_steps": skipped,
-                                  **{f"data/{k}": v for k, v in data.stats.items()}})
-            stopping = stop.agreed(device)
-        if profiler:
-            profiler.end(step, last=stopping or step == t.steps)
-        if stopping or (t.ckpt_every and (step % t.ckpt_every == 0 or step == t.steps)):
-            save(step)
-        if stopping:
-            if rank == 0:
-                print(f"stopped by signal at step {step}: checkpoint written, exit {PREEMPTED_EXIT}", flush=True)
-            finish(logger)
-            return PREEMPTED_EXIT
-    finish(logger)
-    return 0
+                    self.ema.update()
+            return
+        self.skipped += 1
+        self.bad_in_a_row += 1
+        if self.rank == 0:
+            print(f"step {self.step}: non-finite loss or gradient, update skipped ({self.bad_in_a_row} in a row, "
+                  f"{self.skipped} total)", flush=True)
+        if self.bad_in_a_row >= t.max_bad_steps:
+            raise RuntimeError(f"step {self.step}: {self.bad_in_a_row} step(s) in a row skipped for a non-finite "
+                               f"loss or gradient: aborting (train.max_bad_steps={t.max_bad_steps}); last good "
+                               f"checkpoint in {self.ckpt_dir}")
+
+    # ---- the run -----------------------------------------------------------------------------------------
+
+    def train(self) -> int:
+        """Steps up to ``train.steps``: 0, or ``PREEMPTED_EXIT`` after a stop signal's checkpoint."""
+        t = self.cfg.train
+        start, started = self.step, time.perf_counter()
+        self.logger.start()
+        self.data_state = self.data.state_dict()
+        self.batch = self.micro_batch(self.step, 0) if self.step < t.steps else None
+        while self.step < t.steps:
+            watchdog.mark("data", self.step + 1)
+            if self.profiler:
+                self.profiler.begin(self.step + 1)
+            applied, bad = self.train_step()
+            self.step += 1
+            if self.step == start + 1 and self.rank == 0:
+                print(f"step {self.step}: {time.perf_counter() - started:.1f} s"
+                      f"{compile_report() if t.compile else ''}", flush=True)
+            self.logger.step()
+            self.after_step(applied, bad)
+            with phase("bookkeeping"):
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    self.logger.log(self.step, {"grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                                                "lr": self.engine.get_lr()[0], "skipped_steps": self.skipped,
+                                                **{f"data/{k}": v for k, v in self.data.stats.items()}})
+                stopping = self.stop.agreed(self.device)
+            if self.profiler:
+                self.profiler.end(self.step, last=stopping or self.step == t.steps)
+            if stopping or (t.ckpt_every and (self.step % t.ckpt_every == 0 or self.step == t.steps)):
+                self.save_checkpoint()
+            if stopping:
+                if self.rank == 0:
+                    print(f"stopped by signal at step {self.step}: checkpoint written, exit {PREEMPTED_EXIT}",
+                          flush=True)
+                finish(self.logger)
+                return PREEMPTED_EXIT
+        finish(self.logger)
+        return 0
 
 
 def main(config_path: str | None, overrides: list[str]) -> int:
@@ -420,7 +498,7 @@ def main(config_path: str | None, overrides: list[str]) -> int:
 
     cfg = load_config(config_path, overrides)
     try:
-        return train(cfg)
+        return Trainer(cfg).train()
     except RuntimeError as e:  # a collective failed because another rank went away: one line, exit 98
         watchdog.exit_if_peer_lost(e)
         raise

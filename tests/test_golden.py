@@ -31,7 +31,7 @@ RUNS = {  # name: (processes, overrides)
     "one_zero0": (1, ["train.ep_size=1", "train.zero_stage=0"]),  # ZeRO-0: clipping inside the fused AdamW
     "ep2_zero2": (2, ["train.ep_size=2", "train.zero_stage=2"]),  # expert parallelism, DeepSpeed's ZeRO-2 step
 }
-PER_STEP = ("loss", "mse", "vb", "rcl", "lb", "grad_norm")
+PER_STEP = ("loss", "mse", "vlb", "rcl", "lb", "grad_norm")
 RTOL = 1e-5  # float32 run to run on one machine: identical; other CPUs reduce in another order
 
 
