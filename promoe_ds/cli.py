@@ -101,6 +101,12 @@ def add_stage_subparsers(sub) -> None:
     s.add_argument("--device", default="auto", help="auto (this rank's GPU, else CPU) | cpu | cuda | cuda:N")
     s.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
+    s.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the model; auto: on for CUDA, off on the CPU")
+    s.add_argument("--sample-shift", type=float, default=1.0,
+                   help="flow: extra timestep shift, times the trained one (the authors' sample_shift)")
+    s.add_argument("--cfg-channels", type=int, default=None,
+                   help="guide only the first N latent channels (default: all; facebookresearch/DiT's numbers: 3)")
     s.set_defaults(func=cmd_sample)
 
     s = sub.add_parser("eval", help="FID, sFID, IS, precision, recall of a sample .npz (ADM protocol)")

@@ -16,7 +16,6 @@ not image quality. Running it again continues where it stopped (each stage is re
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -106,6 +105,7 @@ def main(out: str | Path = "runs/quickstart", steps: int | None = None, per_clas
     ``sample_steps``: Euler steps of the final samples."""
     from data_prep import encode, toy
     from promoe_ds.export import export
+    from promoe_ds.cli import build_parser
     from promoe_ds.sample import main_sample
 
     out = Path(out).resolve()  # the manifest and the export metadata record the VAE's path
@@ -143,9 +143,10 @@ def main(out: str | Path = "runs/quickstart", steps: int | None = None, per_clas
     t = _stage(6, f"sampling: 100 images, classes 0..9 (one per column), CFG 4.0, {sample_steps} Euler steps "
                   f"-> {samples}")
     shutil.rmtree(samples, ignore_errors=True)  # the weights may have changed since a previous run
-    result = main_sample(argparse.Namespace(weights=str(weights), num=100, cfg_scale=4.0, steps=sample_steps, classes="all",
-                                            seed=0, out=str(samples), vae=None, batch_size=50, device="cpu",
-                                            precision="fp32"))
+    result = main_sample(build_parser().parse_args(
+        ["sample", "--weights", str(weights), "--num-samples", "100", "--cfg-scale", "4.0", "--steps", str(sample_steps),
+         "--classes", "all", "--seed", "0", "--out", str(samples), "--batch-size", "50", "--device", "cpu",
+         "--precision", "fp32"]))
     times["sample"] = time.time() - t
 
     losses = [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]

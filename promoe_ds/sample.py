@@ -11,7 +11,14 @@ Classifier-free guidance (Ho & Salimans 2022) with conditional routing (paper Ap
 scale s != 1 each step is ONE forward pass over the doubled batch [x, x] with labels [y, null]; the
 null-label half is routed to the unconditional expert(s), the other half by the prototypes, and
 the first C output channels become u + s (c - u) (the DDPM variance channels are the conditional
-pass's). With s = 1 each step is one pass over the conditional batch (unconditional experts unused).
+pass's; ``--cfg-channels 3`` guides only the first three, as facebookresearch/DiT's released
+numbers do). With s = 1 each step is one pass over the conditional batch (unconditional experts unused).
+
+Rectified flow integrates with the trained shift times ``--sample-shift`` (SD3 shifts compose by
+multiplying): ali-vilab/ProMoE's sampler (diffusers' FlowMatchEulerDiscreteScheduler built with the
+trained ``shift``, given sigmas already shifted by ``sample_shift``) is this sampler with
+``--sample-shift sample_shift`` (docs/reproduce.md). On CUDA the model runs under ``torch.compile``
+by default (``--compile off``: eager).
 
 Output in ``--out``: ``samples/{i:06d}.png``, ``grid.png`` (the first 100), ``samples.npz`` in the
 ADM format FID tools read (``arr_0`` uint8 [N, H, W, 3], ``arr_1`` int64 labels) and
@@ -39,6 +46,7 @@ from promoe_ds.config import ConfigError, load_config
 from promoe_ds.data import stable_seed
 from promoe_ds.diffusion import build_objective
 from promoe_ds.export import load_pretrained, read_metadata
+from promoe_ds.models.dit import compile_model
 from promoe_ds.parallel.launch import launcher_env
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # DiT's evaluation VAE
@@ -69,34 +77,42 @@ def class_labels(indices, classes: list[int] | None, num_classes: int, seed: int
                       for i in indices]).long()
 
 
-def guided(model, y: torch.Tensor, scale: float):
+def guided(model, y: torch.Tensor, scale: float, channels: int | None = None):
     """The sampler's ``model_fn(x, t) -> [B, 2C, H, W]`` with classifier-free guidance (Appendix B:
     the unconditional pass uses the null label, so conditional routing sends it to the
-    unconditional experts). Scale 1: one conditional pass per call; else one doubled-batch pass."""
+    unconditional experts). Scale 1: one conditional pass per call; else one doubled-batch pass.
+    The first ``channels`` output channels (default C, the prediction) become u + s (c - u), the
+    others are the conditional pass's."""
     if scale == 1.0:
         return lambda x, t: model(x, t, y)[0].float()
     labels = torch.cat([y, torch.full_like(y, model.num_classes)])
 
     def model_fn(x, t):
         cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), labels)[0].float().chunk(2)
-        c = x.shape[1]
+        c = channels or x.shape[1]
         return torch.cat([uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c]), cond[:, c:]], dim=1)
 
     return model_fn
 
 
+def initial_noise(cfg, indices: list[int], seed: int) -> torch.Tensor:
+    """x_T [B, C, H, W] of the samples with these global indices (model config ``cfg``), on the CPU."""
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(stable_seed(seed, "noise", i)))
+                        for i in indices])
+
+
 @torch.no_grad()
 def generate(model, objective, indices: list[int], labels: torch.Tensor, *, steps: int, cfg_scale: float, seed: int,
-             bf16: bool = False) -> torch.Tensor:
-    """Latents [B, C, H, W] (float32) of the samples with these global indices and labels."""
-    cfg = model.cfg
+             bf16: bool = False, cfg_channels: int | None = None) -> torch.Tensor:
+    """Latents [B, C, H, W] (float32) of the samples with these global indices and labels. ``model`` may
+    be the model wrapped by ``torch.compile``."""
     device = next(model.parameters()).device
-    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(stable_seed(seed, "noise", i)))
-                         for i in indices]).to(device)
+    noise = initial_noise(model.cfg, indices, seed).to(device)
     per_sample = [torch.Generator().manual_seed(stable_seed(seed, "steps", i)) for i in indices]  # DDPM's z
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        return objective.sample(guided(model, labels.to(device), cfg_scale), noise, steps, generator=per_sample).float()
+        model_fn = guided(model, labels.to(device), cfg_scale, cfg_channels)
+        return objective.sample(model_fn, noise, steps, generator=per_sample).float()
 
 
 @torch.no_grad()
@@ -150,12 +166,36 @@ def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def sampling_objective(meta: dict, sample_shift: float = 1.0):
+    """The objective config of a weights file's metadata; rectified flow's shift multiplied by
+    ``sample_shift``: SD3 shifts compose by multiplying, shift_sigma(shift_sigma(s, a), b) =
+    shift_sigma(s, a b), so this is the authors' scheduler ``shift`` applied after their ``sample_shift``."""
+    cfg = load_config(None, {"objective": json.loads(meta["objective"])}).objective
+    if not (math.isfinite(sample_shift) and sample_shift > 0):
+        raise ConfigError(f"--sample-shift must be a finite number > 0, got {sample_shift}")
+    if sample_shift != 1.0:
+        if cfg.name != "flow":
+            raise ConfigError(f"--sample-shift: only rectified-flow weights have a timestep shift (these are {cfg.name})")
+        cfg.shift *= sample_shift
+    return cfg
+
+
+def use_compile(flag: str, device: torch.device) -> bool:
+    """``--compile``: auto = on for CUDA (the sampling speed of docs/sampling.md), off elsewhere."""
+    return flag == "on" or (flag == "auto" and device.type == "cuda")
+
+
 def _settings(args, meta: dict, vae: str) -> dict:
-    """What determines the images; a folder holds the samples of one setting."""
+    """What determines the images; a folder holds the samples of one setting. Options at their default
+    are left out, so folders written before an option existed resume. Not recorded: --compile and
+    --batch-size (they change bf16 rounding, not the samples' distribution)."""
+    extra = {"sample_shift": args.sample_shift} if args.sample_shift != 1.0 else {}
+    if args.cfg_channels:
+        extra["cfg_channels"] = args.cfg_channels
     return {"weights": str(Path(args.weights).resolve()), "weights_bytes": os.path.getsize(args.weights),
             "step": meta.get("step"), "source": meta.get("source"), "which": meta.get("weights"),
             "cfg_scale": args.cfg_scale, "steps": args.steps, "seed": args.seed, "classes": args.classes, "vae": vae,
-            "precision": args.precision}
+            "precision": args.precision, **extra}
 
 
 def default_out(args) -> Path:
@@ -166,13 +206,17 @@ def main_sample(args) -> dict:
     """``promoe-ds sample``; returns a summary (rank 0: paths of the npz and grid)."""
     rank, world, local = _init_world()
     meta = read_metadata(args.weights)
-    objective_cfg = load_config(None, {"objective": json.loads(meta["objective"])}).objective
-    num_classes = json.loads(meta["config"])["num_classes"]
+    objective_cfg = sampling_objective(meta, args.sample_shift)
+    model_cfg = json.loads(meta["config"])
+    num_classes = model_cfg["num_classes"]
     classes = parse_classes(args.classes, num_classes)
     if args.num < 1 or args.steps < 1 or args.batch_size < 1:
         raise ConfigError("--num-samples, --steps and --batch-size must be >= 1")
     if not math.isfinite(args.cfg_scale):
         raise ConfigError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+    channels = model_cfg.get("in_channels", 4)
+    if args.cfg_channels is not None and not 1 <= args.cfg_channels <= channels:
+        raise ConfigError(f"--cfg-channels must be in 1..{channels} (the model's latent channels), got {args.cfg_channels}")
     device = resolve_device(args.device, local)
     vae_name = args.vae or meta.get("vae") or DEFAULT_VAE
     out = Path(args.out) if args.out else default_out(args)
@@ -205,14 +249,23 @@ def main_sample(args) -> dict:
         if vae.config.latent_channels != model.cfg.in_channels:
             raise ConfigError(f"--vae {vae_name!r} has {vae.config.latent_channels} latent channels, the model "
                               f"{model.cfg.in_channels}")
-        bar = tqdm(total=len(todo), unit="img", desc=f"sampling ({objective_cfg.name}, {args.steps} steps, "
+        forward = model
+        if use_compile(args.compile, device):
+            # static shapes: a rank's last, smaller batch compiles its own graph once instead of making
+            # every graph dynamic; the timestep is a tensor input, so no step recompiles
+            forward = compile_model(model, dynamic=False)
+            if rank == 0:
+                print("torch.compile: the first batch compiles (about a minute for the XL presets; --compile off: "
+                      "eager)", flush=True)
+        shift = f", shift {objective_cfg.shift:g}" if objective_cfg.name == "flow" else ""
+        bar = tqdm(total=len(todo), unit="img", desc=f"sampling ({objective_cfg.name}, {args.steps} steps{shift}, "
                                                      f"cfg {args.cfg_scale:g})", disable=rank != 0)
         t0 = time.time()
         for k in range(0, len(todo), args.batch_size):
             batch = todo[k:k + args.batch_size]
             labels = class_labels(batch, classes, num_classes, args.seed)
-            z = generate(model, objective, batch, labels, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
-                         bf16=bf16)
+            z = generate(forward, objective, batch, labels, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
+                         bf16=bf16, cfg_channels=args.cfg_channels)
             for i, img in zip(batch, decode(vae, z)):
                 _save_png(img, png_dir / f"{i:06d}.png")
             bar.update(len(batch))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from authors_reference import authors_flow_sampler
 from dist_utils import TINY, spawn_local
 from promoe_ds import load_pretrained
 from promoe_ds.cli import build_parser as cli_parser, main as cli
@@ -15,7 +16,7 @@ from promoe_ds.diffusion import build_objective
 from promoe_ds.export import write_safetensors
 from promoe_ds.models.dit import build_model
 from promoe_ds.quickstart import tiny_vae
-from promoe_ds.sample import class_labels, generate, guided
+from promoe_ds.sample import class_labels, generate, guided, sampling_objective, use_compile
 
 LATENT = 8  # tiny_cpu.yaml: 4x8x8 latents; the 2-level test VAE decodes them to 16x16 pictures
 
@@ -85,6 +86,60 @@ def test_cfg_combines_conditional_and_null_label_passes(files):
     assert not torch.allclose(c, u)
 
 
+@pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
+def test_flow_sampler_equals_the_authors_procedure(files, cfg_scale):
+    """Same weights, noise and labels: the latents of the authors' diffusers-based sampler to float32 rounding,
+    with a trained shift of 2 and their sample_shift 1.5 (effective 3), as ``--sample-shift 1.5`` does."""
+    model = load_pretrained(files["flow"])
+    noise, y = torch.randn(3, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 5, 9])
+    meta = {"objective": json.dumps({"name": "flow", "shift": 2.0})}
+    with torch.no_grad():
+        ref = authors_flow_sampler(model, noise, y, 6, cfg_scale, shift=2.0, sample_shift=1.5)
+        ours = build_objective(sampling_objective(meta, 1.5)).sample(guided(model, y, cfg_scale), noise, 6)
+        trained_shift_only = build_objective(sampling_objective(meta)).sample(guided(model, y, cfg_scale), noise, 6)
+    assert (ref - noise).abs().max() > 1  # the model moves the latents
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert (trained_shift_only - ref).abs().max() > 1e-2  # the sample shift matters at this precision
+
+
+def test_sample_shift_and_cfg_channels_options(files, tmp_path, capsys):
+    assert sampling_objective({"objective": json.dumps({"name": "flow", "shift": 2.0})}, 1.5).shift == 3.0
+    err = sample_refused(capsys, sample_args(files, tmp_path / "s", "ddpm", "--sample-shift", "2"))
+    assert "--sample-shift: only rectified-flow weights" in err
+    model = load_pretrained(files["ddpm"])
+    x, t, y = torch.randn(2, 4, LATENT, LATENT), torch.tensor([10.0, 500.0]), torch.tensor([1, 2])
+    with torch.no_grad():
+        out = guided(model, y, 1.5, channels=3)(x, t)  # facebookresearch/DiT's forward_with_cfg
+        c, u = model(x, t, y)[0], model(x, t, torch.full_like(y, 10))[0]
+    torch.testing.assert_close(out[:, :3], u[:, :3] + 1.5 * (c[:, :3] - u[:, :3]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[:, 3:], c[:, 3:], rtol=1e-5, atol=1e-6)
+
+
+def test_compile_switch(tmp_path):
+    """--compile: auto compiles on CUDA only; 'on' runs the compiled model (a dense one-block model: one graph,
+    so the CPU compilation stays short) and gives the eager images."""
+    from torch._dynamo.utils import counters
+
+    assert use_compile("auto", torch.device("cuda", 0)) and not use_compile("auto", torch.device("cpu"))
+    assert use_compile("on", torch.device("cpu")) and not use_compile("off", torch.device("cuda"))
+    cfg = load_config(TINY, ["model.preset=DiT-S", "model.depth=1", "model.hidden_size=32", "model.num_heads=2"])
+    model = build_model(cfg.model, seed=0)
+    with torch.no_grad():
+        model.final_layer.linear.weight.normal_(std=0.1)  # a non-zero velocity
+    dense = tmp_path / "dense.safetensors"
+    write_safetensors(dict(model.state_dict()), {"config": json.dumps(to_dict(cfg.model)), "step": "0", "source": "test",
+                                                 "objective": json.dumps(to_dict(cfg.objective)), "weights": "model",
+                                                 "promoe_ds_version": "test"}, dense)
+    tiny_vae(tmp_path / "vae", levels=2)
+    files = {"flow": dense, "vae": tmp_path / "vae"}
+    counters.clear()
+    for flag in ("auto", "on"):
+        assert cli(sample_args(files, tmp_path / flag, "flow", "--num-samples", "2", "--compile", flag)) == 0
+        assert counters["stats"]["unique_graphs"] == (flag == "on")  # auto: eager on the CPU
+    eager, compiled = (np.load(tmp_path / f / "samples.npz")["arr_0"].astype(int) for f in ("auto", "on"))
+    assert np.abs(eager - compiled).max() <= 1 and eager.std() > 0
+
+
 def test_outputs_resume_and_settings_check(files, tmp_path, capsys):
     out = tmp_path / "s"
     assert cli(sample_args(files, out, "flow", "--num-samples", "5", "--classes", "1,2", "--cfg-scale", "1.5")) == 0
@@ -144,7 +199,11 @@ def test_unloadable_vae_is_a_clear_error(files, tmp_path, capsys):
                                          ("--cfg-scale=-inf", "--cfg-scale must be a finite number, got -inf"),
                                          ("--device=cuda", "--device cuda: this machine has 0 CUDA GPU(s)"),
                                          ("--device=cuda:1", "--device cuda:1: this machine has 0 CUDA GPU(s)"),
-                                         ("--device=gpu", "--device 'gpu' is not a device")])
+                                         ("--device=gpu", "--device 'gpu' is not a device"),
+                                         ("--sample-shift=0", "--sample-shift must be a finite number > 0, got 0.0"),
+                                         ("--sample-shift=nan", "--sample-shift must be a finite number > 0, got nan"),
+                                         ("--cfg-channels=5", "--cfg-channels must be in 1..4"),
+                                         ("--cfg-channels=0", "--cfg-channels must be in 1..4")])
 def test_bad_flag_values_are_refused_before_sampling(files, tmp_path, capsys, monkeypatch, arg, message):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # as on a machine without CUDA
     err = sample_refused(capsys, sample_args(files, tmp_path / "s", "flow", "--num-samples", "2", arg))
@@ -177,7 +236,8 @@ def test_the_multi_gpu_command_gets_through_torchrun():
 
     argv = ["--nproc_per_node", "8", "-m", "promoe_ds.cli", "sample", "--weights", "W", "--num-samples", "50000",
             "--cfg-scale", "1.5", "--steps", "250", "--batch-size", "64", "--vae", "V", "--out", "DIR", "--seed", "0",
-            "--classes", "1,2", "--device", "auto", "--precision", "auto"]
+            "--classes", "1,2", "--device", "auto", "--precision", "auto", "--compile", "off", "--sample-shift", "1.5",
+            "--cfg-channels", "3"]
     args = get_args_parser().parse_args(argv)
     assert args.training_script == "promoe_ds.cli" and args.training_script_args == argv[4:]
     assert cli_parser().parse_args(argv[4:]).num == 50000

@@ -234,18 +234,19 @@ def build_model(cfg: ModelConfig, *, seed: int = 0, ep_size: int = 1, ep_rank: i
     return DiT(cfg, seed=seed, ep_size=ep_size, ep_rank=ep_rank)
 
 
-def compile_model(model: nn.Module, cuda_graphs: bool = False):
-    """torch.compile for training. With the ``grouped`` experts the whole forward (MoE layers included)
+def compile_model(model: nn.Module, cuda_graphs: bool = False, dynamic: bool | None = None):
+    """torch.compile for training and sampling. With the ``grouped`` experts the whole forward (MoE layers included)
     is one graph on one GPU. Inductor's mix-order reduction (on by default since torch 2.10) is turned
     off: it returns [D] gradients for [1, D] parameters (pytorch#178080: seen here on the H100 for the
     1-expert unconditional group's bias) and can silently corrupt adaLN-style gradients (pytorch#193061).
     ``cuda_graphs``: inductor records the compiled forward and backward as CUDA graphs and replays them,
-    one launch each instead of one per kernel (CUDA only; static shapes, i.e. no expert parallelism)."""
+    one launch each instead of one per kernel (CUDA only; static shapes, i.e. no expert parallelism).
+    ``dynamic``: torch.compile's (None: a graph turns dynamic when a second shape arrives)."""
     options = ({"triton.mix_order_reduction": False}
                if "triton.mix_order_reduction" in torch._inductor.list_options() else {})
     if cuda_graphs:
         options["triton.cudagraphs"] = True
-    return torch.compile(model, options=options)
+    return torch.compile(model, dynamic=dynamic, options=options)
 
 
 def count_params(cfg: ModelConfig) -> dict:
