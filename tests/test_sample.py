@@ -120,8 +120,10 @@ def test_compile_switch(tmp_path):
     so the CPU compilation stays short) and gives the eager images."""
     from torch._dynamo.utils import counters
 
-    assert use_compile("auto", torch.device("cuda", 0)) and not use_compile("auto", torch.device("cpu"))
-    assert use_compile("on", torch.device("cpu")) and not use_compile("off", torch.device("cuda"))
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert use_compile("auto", cuda, bf16=True) and not use_compile("auto", cuda, bf16=False)
+    assert not use_compile("auto", cpu, bf16=False) and not use_compile("auto", cpu, bf16=True)
+    assert use_compile("on", cpu, bf16=False) and not use_compile("off", cuda, bf16=True)
     cfg = load_config(TINY, ["model.preset=DiT-S", "model.depth=1", "model.hidden_size=32", "model.num_heads=2"])
     model = build_model(cfg.model, seed=0)
     with torch.no_grad():
