@@ -14,6 +14,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -40,7 +41,7 @@ class ExpertSpec:
         return self.total - self.shared - self.uncond
 
     @classmethod
-    def parse(cls, text: str) -> "ExpertSpec":
+    def parse(cls, text: str) -> ExpertSpec:
         m = _SPEC_RE.match(text.strip())
         if not m:
             raise ConfigError(f"expert spec {text!r} is not of the form E<total>A<k>S<shared>U<uncond>, e.g. E14A1S1U1")
@@ -59,18 +60,19 @@ class ExpertSpec:
 
 @dataclass
 class MoEConfig:
-    router: str = "none"            # none (dense MLP) | promoe | promoe_ec | tc (token-choice softmax) | ec (expert-choice)
+    # none: dense MLP; tc: token-choice softmax; ec: expert-choice
+    router: Literal["none", "promoe", "promoe_ec", "tc", "ec"] = "none"
     experts: str = "E14A1S1U1"      # ExpertSpec string
     every: int = 2                  # MoE in blocks every-1, 2*every-1, ... (every other block by default)
     expert_mlp_ratio: float = 0.0   # hidden width / D of one expert; 0 = mlp_ratio / (1 + shared)
     alpha: float = 1.0              # Eq. 4 scale
-    activation: str = "identity"    # Eq. 2 activation for prototypical routing: identity | sigmoid | softmax
+    activation: Literal["identity", "sigmoid", "softmax"] = "identity"  # Eq. 2, prototypical routing
     rcl_weight: float = 1.0         # lambda_RCL (Eq. 6)
     rcl_tau: float = 0.07           # tau (Eq. 6)
-    rcl_assign: str = "topk"        # topk: a token counts in the mean of each of its k experts | top1
+    rcl_assign: Literal["topk", "top1"] = "topk"  # topk: a token counts in the mean of each of its k experts
     lb_weight: float = 0.0          # load-balancing loss weight (off for ProMoE, Tab. 12)
     ec_capacity: float = 1.0        # expert-choice: tokens per expert = capacity * k * tokens / routed
-    backend: str = "auto"           # expert compute: auto | loop | grouped | megablocks
+    backend: Literal["auto", "loop", "grouped", "megablocks"] = "auto"  # expert compute (models/experts.py)
 
     def spec(self) -> ExpertSpec:
         return ExpertSpec.parse(self.experts)
@@ -89,13 +91,13 @@ class ModelConfig:
     num_classes: int = 1000
     learn_sigma: bool = True        # 8 output channels (flow uses the first 4)
     qk_norm: bool = False
-    pos_embed: str = "dit"          # 2-D sin-cos layout: dit (first half of the channels: column) | rows_first
+    pos_embed: Literal["dit", "rows_first"] = "dit"  # 2-D sin-cos layout; dit: the first half of the channels: column
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "flow"              # flow | ddpm
+    name: Literal["flow", "ddpm"] = "flow"
     shift: float = 1.0              # flow: timestep shift
     logit_mean: float = 0.0         # flow: logit-normal sigma sampling (SD3)
     logit_std: float = 1.0
@@ -106,7 +108,7 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"       # synthetic | wds
+    source: Literal["synthetic", "wds"] = "synthetic"
     path: str = ""                  # wds: directory holding manifest.json and shards
     num_workers: int = 2
     shuffle_buffer: int = 2000
@@ -115,7 +117,7 @@ class DataConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "disabled"          # online | offline | disabled
+    mode: Literal["online", "offline", "disabled"] = "disabled"
     project: str = "promoe-ds"
     name: str = ""
     dir: str = ""
@@ -135,9 +137,9 @@ class TrainConfig:
     ema_decay: float = 0.9999
     seed: int = 0
     ep_size: int = 1
-    zero_stage: int = 2
+    zero_stage: Literal[0, 1, 2] = 2
     offload_optimizer: bool = False
-    precision: str = "auto"         # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     ds_config: str = ""             # base DeepSpeed json; batch/optimizer/zero keys are filled from here
     log_every: int = 10
     ckpt_every: int = 1000          # 0 = no periodic or final checkpoint (a stop signal still writes one)
@@ -147,10 +149,12 @@ class TrainConfig:
     max_bad_steps: int = 10         # abort after this many non-finite losses in a row
     collective_timeout: float = 900.0  # s a rank waits for the others (a collective, a step) before exiting 98
     compile: bool = False
-    compile_cache: str = "auto"     # with compile: inductor's cache: auto (<out_dir>/compile_cache) | none (its default) | a dir
+    compile_cache: str = "auto"     # with compile: inductor's cache: auto (<out_dir>/compile_cache), none (its
+    #                                 default) or a directory
     cuda_graphs: bool = False       # with compile: replay the compiled forward/backward as CUDA graphs (ep_size 1)
     fused_ema: bool = False         # ZeRO-0: AdamW and the EMA in one compiled pass over the weights (optim.py)
-    bf16_weights: bool = False      # with fused_ema, bf16: weights autocast casts stored in bf16, float32 masters in AdamW
+    bf16_weights: bool = False      # with fused_ema, bf16: weights autocast casts stored in bf16, float32 masters
+    #                                 in AdamW
     grad_checkpoint: bool = False
     profile_at: int = 0             # profile steps profile_at .. +profile_steps-1 into <out_dir>/profile (0 = off)
     profile_steps: int = 3
@@ -166,18 +170,6 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-_CHOICES = {
-    "model.pos_embed": ("dit", "rows_first"),
-    "model.moe.router": ("none", "promoe", "promoe_ec", "tc", "ec"),
-    "model.moe.activation": ("identity", "sigmoid", "softmax"),
-    "model.moe.rcl_assign": ("topk", "top1"),
-    "model.moe.backend": ("auto", "loop", "grouped", "megablocks"),
-    "objective.name": ("flow", "ddpm"),
-    "data.source": ("synthetic", "wds"),
-    "wandb.mode": ("online", "offline", "disabled"),
-    "train.precision": ("auto", "bf16", "fp32"),
-    "train.zero_stage": (0, 1, 2),
-}
 _POSITIVE = ("model.input_size", "model.in_channels", "model.patch_size", "model.depth", "model.hidden_size",
              "model.num_heads", "model.num_classes", "model.moe.every", "train.steps", "train.global_batch",
              "train.ep_size", "train.log_every", "train.profile_steps", "train.keep_last", "train.max_bad_steps",
@@ -186,9 +178,20 @@ _NON_NEGATIVE = ("train.lr", "train.ckpt_every", "train.profile_at", "train.warm
                  "train.grad_clip", "train.weight_decay", "data.num_workers")
 
 
+def _check_choice(key: str, value, typ) -> None:
+    """A ``Literal[...]`` field holds one of its values."""
+    choices = typing.get_args(typ) if typing.get_origin(typ) is Literal else None
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
 def _coerce(key: str, value, typ):
     """Convert a YAML / command-line value to the field's declared type, or raise ConfigError."""
     origin = typing.get_origin(typ)
+    if origin is Literal:  # the type of its values (str or int), then one of them
+        value = _coerce(key, value, type(typing.get_args(typ)[0]))
+        _check_choice(key, value, typ)
+        return value
     try:
         if typ is bool:
             if isinstance(value, str):
@@ -219,6 +222,17 @@ def _coerce(key: str, value, typ):
     else:
         return value
     raise ConfigError(f"{key}: cannot read {value!r} as {getattr(typ, '__name__', typ)}")
+
+
+def _leaves(obj, prefix: str):
+    """(dotted key, value, declared type) of every field of a config dataclass, sections walked."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, value, hints[f.name]
 
 
 def _fill(obj, data: dict, prefix: str) -> None:
@@ -284,9 +298,8 @@ def _get(cfg: Config, dotted: str):
 
 
 def validate(cfg: Config) -> Config:
-    for key, choices in _CHOICES.items():
-        if _get(cfg, key) not in choices:
-            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(map(str, choices))}")
+    for key, value, typ in _leaves(cfg, ""):
+        _check_choice(key, value, typ)
     for key in _POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)!r}")
