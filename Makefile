@@ -1,5 +1,5 @@
 # `make test` is the one command CI runs (.ci/run): it builds .venv if missing, installs
-# everything (CPU torch 2.13.0 first, so pip never pulls a CUDA build), then runs pytest.
+# everything (CPU torch 2.13.0 first, so pip never pulls a CUDA build), then runs ruff and pytest.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -17,6 +17,7 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 install: $(BIN)/.installed
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 quickstart: install

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from promoe_ds.models.experts import grouped_experts
+
 from timing import cuda_ms, kernels_ms  # bench/timing.py
 
 VARIANTS = ("dense", "grouped-eager", "grouped-compiled", "grouped-autotune", "grouped-nobias")

@@ -28,7 +28,8 @@ def fake_shards(root: Path, shards: int, per_shard: int) -> None:
     rng = np.random.default_rng(0)
     entries = []
     for i in range(shards):
-        samples = ({"__key__": f"{i * per_shard + j:08d}", "mean.npy": rng.standard_normal((2, *SHAPE)).astype(np.float16),
+        samples = ({"__key__": f"{i * per_shard + j:08d}",
+                    "mean.npy": rng.standard_normal((2, *SHAPE)).astype(np.float16),
                     "logvar.npy": rng.uniform(-8, -2, (2, *SHAPE)).astype(np.float16), "cls": int(rng.integers(1000)),
                     "src": f"n{j % 1000:08d}/img_{j}.JPEG"} for j in range(per_shard))
         entries.append(write_shard(root / f"shard-{i:06d}.tar", samples))
@@ -64,7 +65,8 @@ def main() -> None:
             fake_shards(data, shards=8, per_shard=1000)
         rows = [("synthetic", 0, measure(DataConfig(source="synthetic"), args.micro_batch, args.seconds))]
         for w in args.workers:
-            cfg = DataConfig(source="wds", path=str(data), num_workers=w, shuffle_buffer=args.shuffle_buffer, resampled=True)
+            cfg = DataConfig(source="wds", path=str(data), num_workers=w, shuffle_buffer=args.shuffle_buffer,
+                             resampled=True)
             rows.append(("wds", w, measure(cfg, args.micro_batch, args.seconds)))
     print(f"\nlatents {'x'.join(map(str, SHAPE))}, micro_batch {args.micro_batch}, shuffle_buffer "
           f"{args.shuffle_buffer}; {os.cpu_count()} CPUs, load average {load_before:.1f} before / "

@@ -22,6 +22,7 @@ from promoe_ds.config import load_config
 from promoe_ds.models.dit import DiTBlock, compile_model
 from promoe_ds.models.experts import resolve_backend
 from promoe_ds.profiling import CATEGORIES, by_category
+
 from timing import cuda_ms, kernels_ms  # bench/timing.py
 
 VARIANTS = {"dense": ("DiT-XL", []), "promoe": ("ProMoE-XL", []),

@@ -10,12 +10,14 @@ trainer's AdamW + EMA (fused AdamW, then the EMA's own pass) against both in one
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
 from promoe_ds.config import load_config
 from promoe_ds.models.dit import DiT
 from promoe_ds.optim import adamw_ema_
+
 from timing import cuda_ms  # bench/timing.py
 
 
@@ -80,7 +82,7 @@ def main():
                 "norm, one pass, bf16 grads and weights": (step_ema, True, True)}
     variants = {k: v for k, v in variants.items() if args.only in k}
     for name, (fn, *flags) in list(variants.items()) * 2:
-        print(f"{name:36s} {cuda_ms(lambda: fn(*flags), args.iters, warmup=3):7.2f} ms", flush=True)
+        print(f"{name:36s} {cuda_ms(functools.partial(fn, *flags), args.iters, warmup=3):7.2f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ optionally the top kernels of each.
     python bench/profile_step.py --fused-ema --bf16-weights   # with the GEMM weights in bf16 (train.bf16_weights)
 """
 import argparse
+import functools
 import itertools
 import sys
 from collections import defaultdict
@@ -22,10 +23,18 @@ import torch
 from promoe_ds.profiling import CATEGORIES, by_category
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import kernels_ms  # noqa: E402
 from train_step import CONFIGS, make_step  # noqa: E402  (the step the benchmark times)
 
+from timing import kernels_ms  # noqa: E402
+
 PHASES = ("forward", "backward", "clip", "optimizer", "ema")  # make_step's marks
+
+
+def _mark(names: list, events: list, phase: str) -> None:
+    """A phase boundary: its name and an event recorded on the stream."""
+    names.append(phase)
+    events.append(torch.cuda.Event(enable_timing=True))
+    events[-1].record()
 
 
 def phase_ms(step, steps: int) -> dict[str, float]:
@@ -35,13 +44,7 @@ def phase_ms(step, steps: int) -> dict[str, float]:
         events = [torch.cuda.Event(enable_timing=True)]
         events[0].record()
         names = []
-
-        def mark(phase):
-            names.append(phase)
-            events.append(torch.cuda.Event(enable_timing=True))
-            events[-1].record()
-
-        step(i, mark)
+        step(i, functools.partial(_mark, names, events))
         torch.cuda.synchronize()
         for name, a, b in zip(names, events, events[1:]):
             sums[name] += a.elapsed_time(b) / steps
@@ -50,7 +53,8 @@ def phase_ms(step, steps: int) -> dict[str, float]:
 
 def table(title: str, rows: list[str], cols: dict[str, dict[str, float]]) -> str:
     names = list(cols)
-    out = [f"| {title} (ms/step) | " + " | ".join(names) + (f" | {names[-1]} - {names[0]} |" if len(names) > 1 else " |"),
+    diff = f" | {names[-1]} - {names[0]} |" if len(names) > 1 else " |"
+    out = [f"| {title} (ms/step) | " + " | ".join(names) + diff,
            "|---" * (len(names) + 1 + (len(names) > 1)) + "|"]
     for r in rows + ["total"]:
         vals = [sum(c.values()) if r == "total" else c.get(r, 0.0) for c in cols.values()]
@@ -79,7 +83,7 @@ def main():
             step(i)
         phases[name] = phase_ms(step, args.steps)
         calls = itertools.count()
-        kernels = kernels_ms(lambda: step(next(calls)), 2)
+        kernels = kernels_ms(lambda step=step, calls=calls: step(next(calls)), 2)
         cats[name] = by_category(kernels)
         print(f"{name}: {sum(phases[name].values()):.1f} ms/step", flush=True)
         if args.top:
@@ -93,7 +97,8 @@ def main():
     print()
     print(table("CUDA kernels", [c for c, _ in CATEGORIES], cats))
     print("\nstep time not covered by kernels (GPU idle: launch or host overhead, with the per-step sync of the "
-          "phase timing): " + ", ".join(f"{n} {sum(phases[n].values()) - sum(cats[n].values()):.1f} ms" for n in phases))
+          "phase timing): " + ", ".join(f"{n} {sum(phases[n].values()) - sum(cats[n].values()):.1f} ms"
+                                        for n in phases))
 
 
 if __name__ == "__main__":

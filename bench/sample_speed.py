@@ -69,7 +69,8 @@ def bench_model(preset: str, args, device: torch.device) -> dict:
     t0 = time.time()
     cfg, model = random_model(preset, args.set, args.backend, device)
     objective = build_objective(cfg.objective)
-    res = {"model": preset, "overrides": args.set, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    res = {"model": preset, "overrides": args.set,
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "batch_size": args.batch_size, "steps": args.steps, "cfg_scale": args.cfg_scale,
            "backend": model.moe_layers()[0].routed_experts.backend if model.moe_layers() else "dense",
            "precision": "bf16 autocast" if args.bf16 else "fp32", "build_s": time.time() - t0}

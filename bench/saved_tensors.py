@@ -49,10 +49,10 @@ def account(cfg, device: torch.device, batch: int, bf16_weights: bool) -> dict[s
     fwd = compile_model(model)
     for _ in range(2):  # the second step runs the compiled graphs as they stay
         saved.clear()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda s: s):
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                out, aux = fwd(x, t, y)
-                loss = out.float().square().mean() + aux["aux_loss"]
+        with (torch.autograd.graph.saved_tensors_hooks(pack, lambda s: s),
+              torch.autocast(device.type, dtype=torch.bfloat16)):
+            out, aux = fwd(x, t, y)
+            loss = out.float().square().mean() + aux["aux_loss"]
         loss.backward()
         model.zero_grad(set_to_none=True)
     params = Counter()
@@ -66,7 +66,8 @@ def account(cfg, device: torch.device, batch: int, bf16_weights: bool) -> dict[s
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model overrides (default: a small ProMoE)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="model overrides (default: a small ProMoE)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()

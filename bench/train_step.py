@@ -4,9 +4,9 @@ One GPU: dense DiT-XL vs ProMoE-XL per expert backend. One step = flow-matching 
 autocast) + RCL, backward, grad clip 0.5 and fused AdamW (the clip inside AdamW, as the trainer's ZeRO-0
 step does: train.clip_in_adamw), EMA update (--fused-ema: AdamW and the EMA in one compiled pass, as
 train.fused_ema; --bf16-weights: with it, the GEMM weights stored in bf16 and their float32 masters stepped by
-that pass, as train.bf16_weights), on 256px latents (4x32x32) with synthetic data. Every configuration runs in the same process on the same GPU, so the printed ratios
-compare like with like. Prints img/s, step ms, peak GiB, MFU and the ratios to compiled dense and
-to the loop reference.
+that pass, as train.bf16_weights), on 256px latents (4x32x32) with synthetic data. Every configuration runs
+in the same process on the same GPU, so the printed ratios compare like with like. Prints img/s, step ms,
+peak GiB, MFU and the ratios to compiled dense and to the loop reference.
 
     python bench/train_step.py                       # the issue-7 table (batch 32 and 64)
     python bench/train_step.py --batch 64 --configs dense-compiled,grouped,loop --steps 20
@@ -18,7 +18,8 @@ Its metrics.jsonl is averaged after the first logged window (warm-up, promoe_ds.
 img/s, img/s per GPU, weak-scaling efficiency (per-GPU img/s / that of the fewest-GPU run) and MFU.
 A launch that fails is a row of the table (its log: <run dir>/launch.log), not the end.
 
-    python bench/train_step.py --gpus 1,2,4,8 --ep 2 --batch 32 --steps 30 [--preset ProMoE-XL] [--set train.compile=true]
+    python bench/train_step.py --gpus 1,2,4,8 --ep 2 --batch 32 --steps 30 \
+        [--preset ProMoE-XL] [--set train.compile=true]
     python bench/train_step.py --gpus 1,2 --ep 2 --batch 4 --steps 6 --device cpu   # gloo, configs/tiny_cpu.yaml
 
 --device cpu (the default without CUDA) runs the same launches as CPU processes (gloo, one thread each).
@@ -91,7 +92,8 @@ def make_step(preset: str, backend: str | None, compiler: str | None, batch: int
         y = torch.randint(0, 1000, (batch,), generator=g)
         y[torch.rand(batch, generator=g) < 0.1] = 1000
         d = objective.draw(batch, shape, g)
-        batches.append((torch.randn(batch, *shape, generator=g).to(dev), y.to(dev), {k: v.to(dev) for k, v in d.items()}))
+        x0 = torch.randn(batch, *shape, generator=g)
+        batches.append((x0.to(dev), y.to(dev), {k: v.to(dev) for k, v in d.items()}))
 
     def step(i, mark=lambda phase: None):
         x0, y, draws = batches[i % len(batches)]

@@ -212,7 +212,7 @@ def encode_shards(args, items, todo: list[int], config: dict, device, dtype, pro
     for i, shard_batches in zip(todo, plan):
         skipped, shapes = [], set()
 
-        def samples():
+        def samples(shard_batches, skipped, shapes):
             for _ in shard_batches:
                 batch = next(loader)
                 for j, _, err in batch:
@@ -228,7 +228,7 @@ def encode_shards(args, items, todo: list[int], config: dict, device, dtype, pro
                                "cls": items[j][1], "src": items[j][0]}
                 bar.update(len(batch))
 
-        shard = write_shard(args.out / shard_name(i), samples())
+        shard = write_shard(args.out / shard_name(i), samples(shard_batches, skipped, shapes))
         _write_json(_record(args.out, i), {"config": config, "shard": shard, "skipped": skipped, "scale_factor": scale,
                                            "latent_shape": list(shapes.pop()) if shapes else None})
         encoded += shard["samples"]

@@ -45,8 +45,8 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx, cy, r, angle, colour):
         draw.rectangle((cx - r, cy - w / 2, cx + r, cy + w / 2), fill=colour)
         draw.rectangle((cx - w / 2, cy - r, cx + w / 2, cy + r), fill=colour)
     elif kind == "bar":
-        draw.line([(cx - r * math.cos(angle), cy - r * math.sin(angle)), (cx + r * math.cos(angle), cy + r * math.sin(angle))],
-                  fill=colour, width=max(2, int(r / 3)))
+        dx, dy = r * math.cos(angle), r * math.sin(angle)
+        draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=colour, width=max(2, int(r / 3)))
 
 
 def _rgb(h, s, v):

@@ -127,7 +127,8 @@ def check_layout(meta: dict, world_size: int, ep_size: int, zero_stage: int, tag
     if theirs != (world_size, ep_size, zero_stage):
         raise ConfigError(
             f"checkpoint {str(tag_dir)!r} was written with world_size={theirs[0]}, ep_size={theirs[1]}, "
-            f"zero_stage={theirs[2]}; this run has world_size={world_size}, ep_size={ep_size}, zero_stage={zero_stage}. "
+            f"zero_stage={theirs[2]}; this run has world_size={world_size}, ep_size={ep_size}, "
+            f"zero_stage={zero_stage}. "
             "ZeRO optimizer partitions cannot be re-split: run `promoe-ds export` on it and start from the file "
             "with train.init_from=FILE train.resume=none (weights and EMA carry over, optimizer state restarts)")
 

@@ -118,7 +118,8 @@ def add_stage_subparsers(sub) -> None:
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("quickstart", help="the whole pipeline on a CPU in minutes: toy data -> train -> sample")
-    s.add_argument("--out", default="runs/quickstart", help="folder for the toy data, the run, the export and the samples")
+    s.add_argument("--out", default="runs/quickstart",
+                   help="folder for the toy data, the run, the export and the samples")
     s.add_argument("--steps", type=int, default=None, help="training steps (default: configs/quickstart.yaml)")
     s.set_defaults(func=cmd_quickstart)
 

@@ -127,7 +127,8 @@ def read_manifest(root: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"data.path: {path} is not valid JSON ({e}); rewrite it with python -m data_prep.encode") from None
+        raise ConfigError(f"data.path: {path} is not valid JSON ({e}); rewrite it with python -m data_prep.encode"
+                          ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ConfigError(f"data.path: {path} is not a {FORMAT} manifest")
     return manifest
@@ -283,7 +284,8 @@ class ShardSource:
             raise ConfigError(f"data.path: latents in {root} are {manifest['latent_shape']}, the model "
                              f"expects {list(latent_shape)} (model.in_channels / model.input_size)")
         if manifest["num_classes"] > num_classes:
-            raise ConfigError(f"data.path: {root} has {manifest['num_classes']} classes, model.num_classes is {num_classes}")
+            raise ConfigError(f"data.path: {root} has {manifest['num_classes']} classes, "
+                              f"model.num_classes is {num_classes}")
         shards = [(root / s["name"], s["samples"]) for s in manifest["shards"]]
         missing = [str(p) for p, _ in shards if not p.is_file()]
         if missing:
@@ -296,7 +298,8 @@ class ShardSource:
                              f"for {world_size} ranks (use resampled=true or more, smaller shards)")
         workers = max(1, cfg.num_workers)
         if not cfg.resampled and len(shards) < world_size * workers and rank == 0:
-            log.warning("only %d shards for %d ranks x %d workers: some workers stay idle", len(shards), world_size, workers)
+            log.warning("only %d shards for %d ranks x %d workers: some workers stay idle", len(shards), world_size,
+                        workers)
         self.plan = _Plan([p for p, _ in shards], [n for _, n in shards], rank=rank, world_size=world_size,
                           workers=workers, micro_batch=micro_batch, seed=seed, resampled=cfg.resampled,
                           shuffle_buffer=cfg.shuffle_buffer, latent_shape=latent_shape,

@@ -53,15 +53,16 @@ def base_config(train: TrainConfig) -> tuple[dict, str]:
         raise ConfigError(f"train.ds_config: {str(path)!r} is not valid JSON ({e})") from None
     for key in cfg:
         if key in OWNED:
-            raise ConfigError(f"ds_config key {key!r} in {str(path)!r} is set by promoe-ds from train.* keys; remove it")
+            raise ConfigError(f"ds_config key {key!r} in {str(path)!r} is set by promoe-ds from train.* keys; "
+                              "remove it")
         if key not in ALLOWED:
             raise ConfigError(f"unknown ds_config key {key!r} in {str(path)!r} (allowed: {', '.join(ALLOWED)})")
     return cfg, str(path)
 
 
 def build_ds_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict:
-    from pydantic import ValidationError
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
 
     cfg, path = base_config(train)
     zero = cfg.setdefault("zero_optimization", {})

@@ -8,7 +8,7 @@ memory traffic (N: that group's size). ``state_dict`` gathers the full EMA (chec
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

@@ -185,7 +185,8 @@ def resize_bilinear_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class FIDInceptionV3(nn.Module):
-    """Images float [N, 3, H, W] in [0, 255] -> (pool_3 [N, 2048], mixed_6/conv[..., :7] [N, 2023], logits [N, 1008])."""
+    """Images float [N, 3, H, W] in [0, 255] -> (pool_3 [N, 2048], mixed_6/conv[..., :7] [N, 2023],
+    logits [N, 1008])."""
 
     def __init__(self):
         super().__init__()
@@ -226,13 +227,17 @@ def inception_from_state_dict(state_dict: dict, source: str = "state dict") -> F
     ``num_batches_tracked`` counters are optional: they do not affect evaluation)."""
     model = FIDInceptionV3()
     own = model.state_dict()
-    skip = lambda k: k.endswith("num_batches_tracked")
+
+    def skip(k):
+        return k.endswith("num_batches_tracked")
+
     missing = sorted(k for k in own if not skip(k) and k not in state_dict)
     unexpected = sorted(k for k in state_dict if not skip(k) and k not in own)
     wrong = [f"{k} {tuple(state_dict[k].shape)} != {tuple(own[k].shape)}" for k in own
              if k in state_dict and not skip(k) and state_dict[k].shape != own[k].shape]
     problems = [f"{len(v)} {name}: {', '.join(v[:8])}{', ...' if len(v) > 8 else ''}"
-                for name, v in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if v]
+                for name, v in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+                if v]
     if problems:
         raise ConfigError(f"{source} is not the FID Inception-v3 ({INCEPTION_FILE}); " + "; ".join(problems))
     model.load_state_dict({**own, **state_dict})
@@ -273,7 +278,8 @@ def _open_images(path: str):
             raise ConfigError(f"{path}: no 'arr_0' image array (members: {', '.join(sorted(zf.namelist()))})")
         with zf.open("arr_0.npy") as f:
             version = np.lib.format.read_magic(f)
-            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            read = {(1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0}.get(version)
             if read is None:
                 raise ConfigError(f"{path}: unsupported .npy format version {version} for arr_0")
             shape, fortran, dtype = read(f)
@@ -384,7 +390,8 @@ def manifold_radii(feats: torch.Tensor, k: int = NN_K, batch_size: int = 2048) -
 
 def _coverage(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, batch_size: int) -> float:
     """Fraction of ``queries`` inside at least one k-NN ball of ``support``."""
-    inside = [(_sq_dists(queries[i:i + batch_size], support) <= radii).any(1) for i in range(0, len(queries), batch_size)]
+    inside = [(_sq_dists(queries[i:i + batch_size], support) <= radii).any(1)
+              for i in range(0, len(queries), batch_size)]
     return torch.cat(inside).double().mean().item()
 
 

@@ -29,8 +29,7 @@ from safetensors.torch import save_file
 
 import promoe_ds
 from promoe_ds.checkpoint import LATEST, META, complete_tags, load_tensors, read_meta
-from promoe_ds.config import (ConfigError, ModelConfig, model_config_diff, model_config_from_dict,
-                              with_recorded_layout)
+from promoe_ds.config import ConfigError, ModelConfig, model_config_diff, model_config_from_dict, with_recorded_layout
 from promoe_ds.models.dit import DiT, build_model
 from promoe_ds.models.moe import routed_expert_layer
 
@@ -82,7 +81,8 @@ def consolidate(tag_dir: Path, weights: str = "ema") -> tuple[dict[str, torch.Te
     cfg = model_config_from_dict(meta["config"]["model"], f"checkpoint {str(tag_dir)!r}")
     shapes = model_shapes(cfg)
     own = tag_dir / "promoe"
-    expert_files = [f"experts_ep{k:04d}.pt" for k in range(meta["ep_size"])] if any(map(routed_expert_layer, shapes)) else []
+    has_experts = any(map(routed_expert_layer, shapes))
+    expert_files = [f"experts_ep{k:04d}.pt" for k in range(meta["ep_size"])] if has_experts else []
     missing = [name for name in ["dense.pt", *expert_files] if not (own / name).is_file()]
     if missing:
         raise ConfigError(f"cannot consolidate {str(tag_dir)!r}: {', '.join(missing)} absent from {str(own)!r} "
@@ -105,7 +105,8 @@ def consolidate(tag_dir: Path, weights: str = "ema") -> tuple[dict[str, torch.Te
             raise ConfigError(f"cannot consolidate {str(tag_dir)!r}: the expert files' slices of {n} start at "
                               f"experts {[f for f, _ in parts]}, not {starts}")
         state[n] = torch.cat([t for _, t in parts])
-    check_shapes({n: tuple(t.shape) for n, t in state.items()}, shapes, f"checkpoint {str(tag_dir)!r}", "its model config")
+    check_shapes({n: tuple(t.shape) for n, t in state.items()}, shapes, f"checkpoint {str(tag_dir)!r}",
+                 "its model config")
     return state, meta
 
 
@@ -219,11 +220,12 @@ def load_into(model: DiT, path: str | Path) -> dict[str, str]:
             rows[name] = slice(layer.routed_experts.first_id, layer.routed_experts.first_id + layer.routed_experts.num)
     try:
         with safe_open(str(path), "pt", device="cpu") as f:
-            have = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+            have = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}  # noqa: SIM118 (safe_open has keys(), no __iter__)
             try:
                 check_shapes(have, want, f"weights file {str(path)!r}", "this model")
             except ConfigError as e:
-                raise ConfigError(f"{e}{model_config_diff(json.loads(meta['config']), model.cfg, 'the file')}") from None
+                diff = model_config_diff(json.loads(meta["config"]), model.cfg, "the file")
+                raise ConfigError(f"{e}{diff}") from None
             for name, p in params.items():
                 p.copy_(f.get_slice(name)[rows[name]] if name in rows else f.get_tensor(name))
     except (SafetensorError, OSError) as e:

@@ -145,7 +145,8 @@ class StepProfiler:
         self.prof.export_chrome_trace(str(self.dir / f"rank{self.rank}.trace.json.gz"))
         (self.dir / f"rank{self.rank}.txt").write_text(self.report(wall))
         if self.rank == 0:
-            print(f"profile of steps {self.first}-{step}: {self.dir}/rank0.txt (trace: rank0.trace.json.gz)", flush=True)
+            print(f"profile of steps {self.first}-{step}: {self.dir}/rank0.txt (trace: rank0.trace.json.gz)",
+                  flush=True)
         self.prof = None
 
     def report(self, wall: float) -> str:

@@ -35,7 +35,8 @@ def tiny_vae(path: Path, levels: int = 4, calibrate_on: torch.Tensor | None = No
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(16,) + (32,) * (levels - 1), down_block_types=("DownEncoderBlock2D",) * levels,
+    vae = AutoencoderKL(block_out_channels=(16,) + (32,) * (levels - 1),
+                        down_block_types=("DownEncoderBlock2D",) * levels,
                         up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=1, norm_num_groups=8,
                         latent_channels=4, sample_size=IMAGE_SIZE).eval()
     with torch.no_grad():  # posterior std ~ e^-5 of the mean's scale, as in a trained VAE (random: logvar ~ 0)
@@ -104,8 +105,8 @@ def main(out: str | Path = "runs/quickstart", steps: int | None = None, per_clas
     """``steps``: training steps (default: the config's); ``per_class`` toy images per class;
     ``sample_steps``: Euler steps of the final samples."""
     from data_prep import encode, toy
-    from promoe_ds.export import export
     from promoe_ds.cli import build_parser
+    from promoe_ds.export import export
     from promoe_ds.sample import main_sample
 
     out = Path(out).resolve()  # the manifest and the export metadata record the VAE's path
@@ -144,9 +145,9 @@ def main(out: str | Path = "runs/quickstart", steps: int | None = None, per_clas
                   f"-> {samples}")
     shutil.rmtree(samples, ignore_errors=True)  # the weights may have changed since a previous run
     result = main_sample(build_parser().parse_args(
-        ["sample", "--weights", str(weights), "--num-samples", "100", "--cfg-scale", "4.0", "--steps", str(sample_steps),
-         "--classes", "all", "--seed", "0", "--out", str(samples), "--batch-size", "50", "--device", "cpu",
-         "--precision", "fp32"]))
+        ["sample", "--weights", str(weights), "--num-samples", "100", "--cfg-scale", "4.0",
+         "--steps", str(sample_steps), "--classes", "all", "--seed", "0", "--out", str(samples),
+         "--batch-size", "50", "--device", "cpu", "--precision", "fp32"]))
     times["sample"] = time.time() - t
 
     losses = [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
@@ -158,5 +159,6 @@ def main(out: str | Path = "runs/quickstart", steps: int | None = None, per_clas
           f"  weights      {weights}\n"
           f"  grid         {result['grid']}\n"
           f"  samples      {result['npz']}\n"
-          f"next: promoe-ds sample --weights {weights} --num-samples 16 --cfg-scale 1.5 --out {out / 'more'}", flush=True)
+          f"next: promoe-ds sample --weights {weights} --num-samples 16 --cfg-scale 1.5 --out {out / 'more'}",
+          flush=True)
     return {"grid": result["grid"], "weights": weights, "losses": losses, "seconds": total, "times": times}

@@ -73,7 +73,8 @@ def class_labels(indices, classes: list[int] | None, num_classes: int, seed: int
     """The label of each global sample index: ``classes`` cycled, or a (seed, i)-seeded draw."""
     if classes:
         return torch.tensor([classes[i % len(classes)] for i in indices], dtype=torch.long)
-    return torch.cat([torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(stable_seed(seed, "label", i)))
+    return torch.cat([torch.randint(num_classes, (1,),
+                                    generator=torch.Generator().manual_seed(stable_seed(seed, "label", i)))
                       for i in indices]).long()
 
 
@@ -175,7 +176,8 @@ def sampling_objective(meta: dict, sample_shift: float = 1.0):
         raise ConfigError(f"--sample-shift must be a finite number > 0, got {sample_shift}")
     if sample_shift != 1.0:
         if cfg.name != "flow":
-            raise ConfigError(f"--sample-shift: only rectified-flow weights have a timestep shift (these are {cfg.name})")
+            raise ConfigError("--sample-shift: only rectified-flow weights have a timestep shift "
+                              f"(these are {cfg.name})")
         cfg.shift *= sample_shift
     return cfg
 
@@ -217,7 +219,8 @@ def main_sample(args) -> dict:
         raise ConfigError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
     channels = model_cfg.get("in_channels", 4)
     if args.cfg_channels is not None and not 1 <= args.cfg_channels <= channels:
-        raise ConfigError(f"--cfg-channels must be in 1..{channels} (the model's latent channels), got {args.cfg_channels}")
+        raise ConfigError(f"--cfg-channels must be in 1..{channels} (the model's latent channels), "
+                          f"got {args.cfg_channels}")
     device = resolve_device(args.device, local)
     vae_name = args.vae or meta.get("vae") or DEFAULT_VAE
     out = Path(args.out) if args.out else default_out(args)
@@ -285,7 +288,8 @@ def main_sample(args) -> dict:
         return {}
     missing = [i for i in range(args.num) if not (png_dir / f"{i:06d}.png").is_file()]
     if missing:
-        raise RuntimeError(f"{len(missing)} of {args.num} samples are missing in {png_dir} (e.g. {missing[0]:06d}.png); "
+        raise RuntimeError(f"{len(missing)} of {args.num} samples are missing in {png_dir} "
+                           f"(e.g. {missing[0]:06d}.png); "
                            "rerun the same command to finish them")
     first = np.asarray(Image.open(png_dir / f"{0:06d}.png").convert("RGB"))
     images = np.empty((args.num, *first.shape), np.uint8)

@@ -51,7 +51,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
         except json.JSONDecodeError:
             if n == len(lines):
                 continue  # a last line cut short by a kill: ignore
-            raise ScalingError(f"{path}:{n}: not JSON")
+            raise ScalingError(f"{path}:{n}: not JSON") from None
         if "img_per_sec" in rec and "step" in rec:
             records.append(rec)
     if not records:
@@ -223,7 +223,8 @@ def main_scaling_report(run_dirs: list[str], out: str, skip: int = 1) -> list[di
     table = markdown_table(rows)
     base = rows[0]
     notes = [f"Weak scaling: efficiency = per-GPU img/s / {base['img_per_sec_per_gpu']:.2f} "
-             f"(run {base['run']}, {base['gpus']} GPU{'s' if base['gpus'] != 1 else ''}); speedup = img/s / {base['img_per_sec']:.2f}. "
+             f"(run {base['run']}, {base['gpus']} GPU{'s' if base['gpus'] != 1 else ''}); "
+             f"speedup = img/s / {base['img_per_sec']:.2f}. "
              f"First {skip} logged interval(s) of every start skipped as warm-up."]
     for r in rows:
         wall = r["wallclock_img_per_sec"]

@@ -50,7 +50,8 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> None:
     if t.compile_cache == "":
         raise ConfigError("train.compile_cache: auto, none or a directory (got an empty value)")
     if cfg.data.source == "wds" and not (Path(cfg.data.path) / "manifest.json").is_file():
-        raise ConfigError(f"data.path: no manifest.json in {cfg.data.path!r} (make shards with python -m data_prep.encode)")
+        raise ConfigError(f"data.path: no manifest.json in {cfg.data.path!r} "
+                          "(make shards with python -m data_prep.encode)")
     if world_size % t.ep_size:
         raise ConfigError(f"train.ep_size: {t.ep_size} does not divide the world size {world_size}")
     if moe.router == "none":

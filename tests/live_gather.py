@@ -25,7 +25,7 @@ from promoe_ds.ema import EMA
 from promoe_ds.models.dit import build_model
 from promoe_ds.models.moe import routed_expert_layer
 from promoe_ds.parallel.launch import init_distributed
-from promoe_ds.train import step_draws
+from promoe_ds.train import diffusion_losses, step_draws
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
 OVERRIDES = ["train.global_batch=8", "train.ep_size=2", "train.zero_stage=2", "train.seed=5", "train.ema_decay=0.5",
@@ -38,6 +38,7 @@ def main(out: Path) -> None:
     info = init_distributed()
     import deepspeed
     from deepspeed.utils import groups
+
     from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, group_name
 
     t, m, rank, world = cfg.train, cfg.model, info.rank, info.world_size
@@ -56,19 +57,14 @@ def main(out: Path) -> None:
         x0, y = data.next_batch()
         draws = step_draws(objective, cfg, step, 0, shape, range(rank * micro, (rank + 1) * micro))
         y = torch.where(draws.pop("drop"), torch.full_like(y, m.num_classes), y)
-        aux = {}
-
-        def model_fn(xt, tt):
-            o, a = engine(xt, tt, y)
-            aux.update(a)
-            return o
-
-        loss = objective.training_losses(model_fn, x0, draws)["loss"] + aux["aux_loss"]
+        losses, aux = diffusion_losses(objective, engine, x0, y, draws)
+        loss = losses["loss"] + aux["aux_loss"]
         engine.backward(loss)
         engine.step()
         ema.update()
 
-    meta = {"step": STEPS, "world_size": world, "ep_size": t.ep_size, "zero_stage": ds_cfg["zero_optimization"].get("stage", 0),
+    meta = {"step": STEPS, "world_size": world, "ep_size": t.ep_size,
+            "zero_stage": ds_cfg["zero_optimization"].get("stage", 0),
             "config": to_dict(cfg), "objective": cfg.objective.name, "version": promoe_ds.__version__}
     ckpt.save(engine, model, ema, out / "checkpoints", STEPS, meta, {"data": data.state_dict()}, rank=rank,
               ep_rank=ep_rank, expert_writer=True, keep_last=1)

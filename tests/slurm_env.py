@@ -18,6 +18,7 @@ By hand: ``python tests/slurm_env.py start /tmp/slurm`` prints ``export SLURM_CO
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -182,7 +183,7 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             raise SlurmError(f"{' '.join(cmd)} -> rc {r.returncode}: {r.stderr.strip() or r.stdout.strip()}")
         return r
 
-    def start(self, timeout: float = 60) -> "SlurmCluster":
+    def start(self, timeout: float = 60) -> SlurmCluster:
         self.write_config()
         m = self.root / "munge"
         self._run([which("munged"), "--force", f"--socket={self.munge_socket}",
@@ -249,10 +250,8 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 os.kill(pid, signal.SIGKILL)
         # Job steps slurmd launched are its grandchildren: kill any slurmstepd still holding our spool.
         for pid in self._stepds():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     @staticmethod
     def _alive(pid: int) -> bool:
@@ -282,7 +281,7 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 continue
         return out
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         try:
             return self.start()
         except BaseException:

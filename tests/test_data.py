@@ -32,7 +32,8 @@ def make_shards(root: Path, counts) -> list[list[int]]:
         for j in shard_ids:
             mean = np.full((2, *SHAPE), j + 1, np.float16)
             mean[1] *= -1
-            samples.append({"__key__": f"{j:08d}", "mean.npy": mean, "logvar.npy": np.full((2, *SHAPE), -30, np.float16),
+            samples.append({"__key__": f"{j:08d}", "mean.npy": mean,
+                            "logvar.npy": np.full((2, *SHAPE), -30, np.float16),
                             "cls": j % CLASSES, "src": f"c/{j}.JPEG"})
         entries.append(write_shard(root / f"shard-{i:06d}.tar", samples))
         ids.append(shard_ids)
@@ -83,7 +84,8 @@ def test_synthetic_is_world_size_independent_and_resumable():
     other.load_state_dict(state)
     got = other.next_batch()
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
-    assert not torch.equal(source(micro=4, world=1, seed=4, **kw).next_batch()[0], source(micro=4, world=1, seed=3, **kw).next_batch()[0])
+    assert not torch.equal(source(micro=4, world=1, seed=4, **kw).next_batch()[0],
+                           source(micro=4, world=1, seed=3, **kw).next_batch()[0])
 
 
 def test_synthetic_latents_carry_the_class():
@@ -191,7 +193,8 @@ def test_samples_with_a_class_out_of_range_are_skipped(tmp_path, caplog):
     shard = tmp_path / "shard-000000.tar"
     members = list(_tar_members(shard))
     bad = {f"{k:08d}" for k in (1, 4)}
-    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:  # the same shard with two classes out of range: CLASSES and 57
+    # the same shard with two classes out of range: CLASSES and 57
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
         for m in members:
             data = m["data"]
             if m["fname"].endswith(".cls") and m["fname"].split(".")[0] in bad:

@@ -18,7 +18,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from data_prep import toy
-from data_prep.encode import center_crop_arr, main as encode, parse_args
+from data_prep.encode import center_crop_arr, parse_args
+from data_prep.encode import main as encode
 from promoe_ds.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,8 @@ def tar_bytes(out: Path) -> dict:
 
 def test_toy_images_are_deterministic_jpegs(tmp_path):
     for seed, name in ((0, "a"), (0, "b"), (1, "c")):
-        toy.main(["--out", str(tmp_path / name), "--classes", "2", "--per-class", "3", "--size", "24", "--seed", str(seed)])
+        toy.main(["--out", str(tmp_path / name), "--classes", "2", "--per-class", "3", "--size", "24",
+                  "--seed", str(seed)])
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.JPEG"))
     assert [str(f) for f in files][:2] == ["train/n00000000/n00000000_0.JPEG", "train/n00000000/n00000000_1.JPEG"]
     assert len(files) == 6 and all((tmp_path / "a" / f).read_bytes()[:2] == b"\xff\xd8" for f in files)

@@ -8,8 +8,7 @@ from scipy.stats import norm
 
 from promoe_ds.config import ObjectiveConfig
 from promoe_ds.diffusion import build_objective
-from promoe_ds.diffusion.ddpm import (GaussianDiffusion, discretized_gaussian_log_likelihood, normal_kl,
-                                      space_timesteps)
+from promoe_ds.diffusion.ddpm import GaussianDiffusion, discretized_gaussian_log_likelihood, normal_kl, space_timesteps
 
 T = 1000
 LN2 = math.log(2.0)
@@ -140,7 +139,8 @@ def test_discretized_decoder_likelihood():
     np.testing.assert_allclose(got, ref, rtol=1e-9)
     # the bins on [-1, 1] (edges open-ended) form a probability distribution
     grid = torch.linspace(-1, 1, 256, dtype=torch.float64)
-    p = discretized_gaussian_log_likelihood(grid, torch.full_like(grid, 0.2), torch.full_like(grid, math.log(0.3))).exp()
+    p = discretized_gaussian_log_likelihood(grid, torch.full_like(grid, 0.2),
+                                            torch.full_like(grid, math.log(0.3))).exp()
     assert p.sum().item() == pytest.approx(1.0, abs=1e-9)
 
 
@@ -283,7 +283,10 @@ def test_two_step_sampler_by_hand():
     """steps = 2 keeps t in {0, 999}: x <- mu_1 + sigma_1 z with z the generator's first draw, then x <- mu_0."""
     obj = GaussianDiffusion()
     proc = obj.respaced(2)
-    model_fn = lambda x, t: torch.cat([0.1 * x, torch.full_like(x, 0.5)], 1)
+
+    def model_fn(x, t):
+        return torch.cat([0.1 * x, torch.full_like(x, 0.5)], 1)
+
     noise = torch.randn(2, 4, 2, 2, generator=_gen(0), dtype=torch.float64)
     z = torch.randn(noise.shape, generator=_gen(7)).double()
     mean1, log_var1 = proc.p_mean_variance(model_fn(noise, None), noise, torch.tensor([1, 1]))
@@ -307,7 +310,10 @@ def test_hybrid_loss_trains_a_tiny_model():
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     g = _gen(0)
     data = torch.tensor([[0.8, -0.5], [-0.6, 0.4]])  # two toy "latent" points, 2 channels
-    batch = lambda n: data[torch.randint(0, 2, (n,), generator=g)][:, :, None, None].expand(-1, -1, 2, 2)
+
+    def batch(n):
+        return data[torch.randint(0, 2, (n,), generator=g)][:, :, None, None].expand(-1, -1, 2, 2)
+
     held_out = (batch(1024), obj.draw(1024, (2, 2, 2), g))
 
     def evaluate():

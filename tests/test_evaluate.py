@@ -195,8 +195,11 @@ def test_npz_to_stats_to_fid_with_a_tiny_network(tmp_path):
     # the batched npz path equals the features of all images at once
     got = ev.evaluate(sam, ref, net, batch_size=7)
     (sp, ss, sl), (rp, rs, _) = _direct_features(sam_imgs), _direct_features(ref_imgs)
-    assert got["fid"] == pytest.approx(ev.fid_from_stats(*ev.compute_statistics(sp), *ev.compute_statistics(rp)), rel=1e-5)
-    assert got["sfid"] == pytest.approx(ev.fid_from_stats(*ev.compute_statistics(ss), *ev.compute_statistics(rs)), rel=1e-5)
+    def fid(a, b):
+        return ev.fid_from_stats(*ev.compute_statistics(a), *ev.compute_statistics(b))
+
+    assert got["fid"] == pytest.approx(fid(sp, rp), rel=1e-5)
+    assert got["sfid"] == pytest.approx(fid(ss, rs), rel=1e-5)
     assert got["inception_score"] == pytest.approx(ev.inception_score(sl)[0], rel=1e-6)
     assert (got["precision"], got["recall"]) == pytest.approx(ev.precision_recall(rp, sp))
     assert got["fid"] > 1e-3 and got["ref_statistics"] == "computed from arr_0" and got["num_ref_images"] == 80
@@ -289,7 +292,8 @@ BAD_INPUTS = {  # file -> how it is broken -> (write it, words of the error)
         "missing": (lambda p: p.unlink(), "--ref"),
         "directory": (lambda p: (p.unlink(), p.mkdir()), "--ref"),
         "truncated": (_truncated, "not a readable .npz"),
-        "neither images nor statistics": (lambda p: np.savez(p, arr_1=np.arange(3)), "needs images (arr_0) or statistics"),
+        "neither images nor statistics": (lambda p: np.savez(p, arr_1=np.arange(3)),
+                                          "needs images (arr_0) or statistics"),
         "too few": (lambda p: np.savez(p, arr_0=_images(3, 5)), "3 images, precision/recall need at least 4"),
         "statistics of other features": (lambda p: np.savez(p, **_stats(4, 18)), "mu [4], sigma [4, 4]) than this "
                                                                                 "network's 8-d pool and 18-d spatial"),

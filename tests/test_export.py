@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_utils import REPO, TINY, metrics, run, spawn_local
 from promoe_ds import load_pretrained
 from promoe_ds.cli import main as cli
 from promoe_ds.config import ConfigError, load_config
@@ -15,6 +14,8 @@ from promoe_ds.diffusion import build_objective
 from promoe_ds.export import load_into
 from promoe_ds.models.dit import build_model
 from promoe_ds.models.moe import routed_expert_layer
+
+from dist_utils import REPO, TINY, metrics, run, spawn_local
 
 pytestmark = pytest.mark.slow
 
@@ -170,7 +171,7 @@ def test_finetune_from_export_with_other_ep_size_starts_from_its_weights(live, t
 
     weights = load_file(f)
     own = tmp_path / "ft/checkpoints/step_00000001/promoe"
-    saved = {n: e for n, e in torch.load(own / "dense.pt").items()}
+    saved = dict(torch.load(own / "dense.pt"))
     saved.update(torch.load(own / "experts_ep0000.pt")["params"])
     assert saved.keys() == weights.keys()
     for name, w in weights.items():

@@ -115,6 +115,9 @@ def test_euler_converges_to_the_exact_gaussian_flow():
 def test_sampler_is_deterministic():
     obj = RectifiedFlow(shift=2.0)
     w = torch.randn(8, 4, 1, 1, generator=_gen(2))
-    model = lambda x, t: torch.nn.functional.conv2d(torch.tanh(x) * (t[:, None, None, None] / 1000), w)
+
+    def model(x, t):
+        return torch.nn.functional.conv2d(torch.tanh(x) * (t[:, None, None, None] / 1000), w)
+
     noise = torch.randn(2, 4, 4, 4, generator=_gen(4))
     assert torch.equal(obj.sample(model, noise, 10), obj.sample(model, noise.clone(), 10))

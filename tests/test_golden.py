@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import metrics, run
 from promoe_ds.export import consolidate
+
+from dist_utils import metrics, run
 
 pytestmark = pytest.mark.slow
 

@@ -3,9 +3,9 @@ reference within bf16 tolerance, forward and backward. The layer-level grouped-v
 compiled-model check run on both devices in tests/test_model.py (their "cuda" cases carry the gpu mark)."""
 import pytest
 import torch
+from test_model import rel_err
 
 from promoe_ds.models.experts import BACKENDS, ExpertGroup, megablocks_available
-from test_model import rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -91,11 +91,11 @@ def test_zero0_clip_and_skip_never_wait_for_the_gpu(marked):
 def test_cuda_graphs_replay_the_compiled_step():
     """train.cuda_graphs: inductor records the compiled forward and backward as CUDA graphs (none skipped)
     and replays them; four AdamW steps give the losses and weights of the compiled step without graphs."""
+    from test_model import tiny_cfg
     from torch._dynamo.utils import counters
     from torch._inductor import cudagraph_trees
 
     from promoe_ds.models.dit import build_model, compile_model
-    from test_model import tiny_cfg
 
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(4, 4, 8, 8, generator=g).cuda(), (torch.rand(4, generator=g) * 1000).cuda()
@@ -166,13 +166,13 @@ def test_compiled_sampling_matches_eager():
     """``promoe-ds sample``'s default on CUDA: the model under torch.compile with static shapes gives the eager
     sampler's latents within bf16 tolerance; one graph per batch shape (a rank's smaller last batch adds one),
     none per step (the timestep is a tensor input)."""
+    from test_model import tiny_cfg
     from torch._dynamo.utils import counters
 
     from promoe_ds.config import load_config
     from promoe_ds.diffusion import build_objective
     from promoe_ds.models.dit import build_model, compile_model
     from promoe_ds.sample import class_labels, generate, initial_noise
-    from test_model import tiny_cfg
 
     model = build_model(tiny_cfg(), seed=0)
     g = torch.Generator().manual_seed(1)

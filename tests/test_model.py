@@ -236,7 +236,8 @@ def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="train.profile_steps: must be > 0"):
         load_config(overrides=["train.profile_steps=0"])
     for bad, message in [("train.lr=-1", "train.lr: must be >= 0"), ("train.lr=nan", "train.lr: must be >= 0"),
-                         ("train.lr=inf", "train.lr: must be finite"), ("train.betas=[0.9]", "train.betas: must be two"),
+                         ("train.lr=inf", "train.lr: must be finite"),
+                         ("train.betas=[0.9]", "train.betas: must be two"),
                          ("train.betas=[2,3]", "train.betas: must be two"), ("train.grad_clip=-1", "train.grad_clip"),
                          ("train.warmup_steps=-5", "train.warmup_steps"), ("train.micro_batch=-4", "train.micro_batch"),
                          ("train.weight_decay=nan", "train.weight_decay"), ("data.num_workers=-1", "data.num_workers")]:

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from data_prep.encode import write_manifest, write_shard
-from dist_utils import launch, metrics
 from promoe_ds.config import DataConfig
+
+from dist_utils import launch, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -186,7 +187,7 @@ def test_max_bad_steps_aborts_with_a_clear_message(runs):
 def test_zero0_skips_like_zero2_under_lr_warmup(runs):
     """The skipped step 2 holds the LR warm-up and counts as skipped under ZeRO-0 as under ZeRO-2, and the
     weights and EMA after step 4 agree."""
-    (o2, log2, c2), (o0, log0, c0) = finish(runs, "zero2-warmup"), finish(runs, "zero0-warmup")
+    (o2, _, c2), (o0, log0, c0) = finish(runs, "zero2-warmup"), finish(runs, "zero0-warmup")
     assert c2 == c0 == [0, 0], (log0 / "rank0.log").read_text()[-3000:]
     r2, r0 = metrics(o2), metrics(o0)
     assert [(r["step"], r["skipped_steps"]) for r in r0] == [(r["step"], r["skipped_steps"]) for r in r2] == [(4, 1)]

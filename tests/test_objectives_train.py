@@ -9,12 +9,14 @@ test measures the objective and the model, not DeepSpeed.
 import pytest
 import torch
 
-from dist_utils import REPO, TINY
 from promoe_ds.config import DataConfig, load_config
 from promoe_ds.data import build_latent_source
 from promoe_ds.diffusion import build_objective
 from promoe_ds.models.dit import build_model
 from promoe_ds.sample import class_labels, generate
+from promoe_ds.train import diffusion_losses
+
+from dist_utils import REPO, TINY
 from test_sample import Counting  # the forward-pass counter of the sampling tests
 
 BATCH, WINDOW = 16, 20
@@ -65,14 +67,7 @@ def train(case):
         draws = objective.draw(BATCH, shape, g)
         drop = torch.rand(BATCH, generator=g) < cfg.objective.class_dropout
         y = torch.where(drop, torch.full_like(y, m.num_classes), y)  # null label: unconditional expert
-        aux = {}
-
-        def model_fn(xt, tt):
-            out, a = model(xt, tt, y)
-            aux.update(a)
-            return out
-
-        out = objective.training_losses(model_fn, x0, draws)
+        out, aux = diffusion_losses(objective, model, x0, y, draws)
         opt.zero_grad(set_to_none=True)
         (out["loss"] + aux["aux_loss"]).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from dist_utils import metrics, run
 from promoe_ds import load_pretrained
 from promoe_ds.cli import main as cli
 from promoe_ds.config import ConfigError, load_config, model_config_from_dict
 from promoe_ds.diffusion import build_objective
 from promoe_ds.export import consolidate, load_into, read_metadata
 from promoe_ds.models.dit import build_model, sincos_pos_embed
+
+from dist_utils import metrics, run
 
 OLD = Path(__file__).parent / "assets" / "old_layout"  # written before the layout was recorded (README.md there)
 TAG = OLD / "checkpoints" / "step_00000004"
@@ -102,7 +103,7 @@ def test_resuming_an_old_run_trains_on_with_its_layout(tmp_path):
     for layout in ("rows_first", "dit"):
         model = build_model(model_config_from_dict({**old_meta["config"]["model"], "pos_embed": layout}))
         model.load_state_dict(state)
-        out = objective.training_losses(lambda xt, tt: model(xt, tt, y)[0], x0, dict(draws))
+        out = objective.training_losses(lambda xt, tt, model=model: model(xt, tt, y)[0], x0, dict(draws))
         losses[layout] = out["loss"].item()
     logged = metrics(run_dir)[0]
     assert logged["step"] == 5

@@ -6,8 +6,9 @@ import re
 
 import pytest
 
-from dist_utils import metrics, run
 from promoe_ds.profiling import PHASES, category, covered, merge_spans
+
+from dist_utils import metrics, run
 
 
 def test_merge_spans_and_covered():
@@ -31,7 +32,8 @@ def test_kernel_categories():
 def test_trainer_profiles_a_window_of_steps(tmp_path, at, n, window):
     out = tmp_path / "run"
     codes = run(1, ["train.global_batch=8", "train.log_every=1", "train.steps=4", "train.ckpt_every=0",
-                    "train.ep_size=1", f"train.profile_at={at}", f"train.profile_steps={n}", "train.profile_python=true",
+                    "train.ep_size=1", f"train.profile_at={at}", f"train.profile_steps={n}",
+                    "train.profile_python=true",
                     f"train.out_dir={out}"], tmp_path / "log")
     assert codes == [0]
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]  # training went on through and after the window

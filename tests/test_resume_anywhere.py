@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from dist_utils import TINY, launch, metrics
+from dist_utils import launch
 
 pytestmark = pytest.mark.slow
 

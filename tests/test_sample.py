@@ -5,18 +5,20 @@ import sys
 import numpy as np
 import pytest
 import torch
+from authors_reference import authors_flow_sampler
 from PIL import Image
 
-from authors_reference import authors_flow_sampler
-from dist_utils import TINY, spawn_local
 from promoe_ds import load_pretrained
-from promoe_ds.cli import build_parser as cli_parser, main as cli
+from promoe_ds.cli import build_parser as cli_parser
+from promoe_ds.cli import main as cli
 from promoe_ds.config import ConfigError, load_config, to_dict
 from promoe_ds.diffusion import build_objective
 from promoe_ds.export import write_safetensors
 from promoe_ds.models.dit import build_model
 from promoe_ds.quickstart import tiny_vae
 from promoe_ds.sample import class_labels, generate, guided, sampling_objective, use_compile
+
+from dist_utils import TINY, spawn_local
 
 LATENT = 8  # tiny_cpu.yaml: 4x8x8 latents; the 2-level test VAE decodes them to 16x16 pictures
 
@@ -129,9 +131,9 @@ def test_compile_switch(tmp_path):
     with torch.no_grad():
         model.final_layer.linear.weight.normal_(std=0.1)  # a non-zero velocity
     dense = tmp_path / "dense.safetensors"
-    write_safetensors(dict(model.state_dict()), {"config": json.dumps(to_dict(cfg.model)), "step": "0", "source": "test",
-                                                 "objective": json.dumps(to_dict(cfg.objective)), "weights": "model",
-                                                 "promoe_ds_version": "test"}, dense)
+    meta = {"config": json.dumps(to_dict(cfg.model)), "step": "0", "source": "test",
+            "objective": json.dumps(to_dict(cfg.objective)), "weights": "model", "promoe_ds_version": "test"}
+    write_safetensors(dict(model.state_dict()), meta, dense)
     tiny_vae(tmp_path / "vae", levels=2)
     files = {"flow": dense, "vae": tmp_path / "vae"}
     counters.clear()
@@ -172,8 +174,8 @@ def test_same_images_on_one_and_two_processes(files, tmp_path):
     """Random classes and DDPM's per-step noise: sample i depends on (seed, i) only."""
     args = ["--num-samples", "7", "--cfg-scale", "1.5", "--seed", "3"]
     assert cli(sample_args(files, tmp_path / "one", "ddpm", *args)) == 0
-    procs = spawn_local(2, [sys.executable, "-m", "promoe_ds.cli", *sample_args(files, tmp_path / "two", "ddpm", *args)],
-                        log_dir=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    argv = [sys.executable, "-m", "promoe_ds.cli", *sample_args(files, tmp_path / "two", "ddpm", *args)]
+    procs = spawn_local(2, argv, log_dir=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert [p.wait(timeout=300) for p in procs] == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
     one, two = np.load(tmp_path / "one/samples.npz"), np.load(tmp_path / "two/samples.npz")
     assert np.array_equal(one["arr_1"], two["arr_1"]) and len(set(one["arr_1"].tolist())) > 1
@@ -191,7 +193,8 @@ def sample_refused(capsys, args) -> str:
 
 def test_unloadable_vae_is_a_clear_error(files, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    for vae, message in ((tmp_path / "empty", "cannot load the VAE"), (tmp_path / "absent", "absent: no such directory")):
+    for vae, message in ((tmp_path / "empty", "cannot load the VAE"),
+                         (tmp_path / "absent", "absent: no such directory")):
         assert message in sample_refused(capsys, ["sample", "--weights", str(files["flow"]), "--vae", str(vae), "--out",
                                                   str(tmp_path / "s"), "--num-samples", "1", "--steps", "2"])
 

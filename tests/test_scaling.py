@@ -191,7 +191,8 @@ def test_wallclock_cross_check(tmp_path, capsys):
     s = summarize(d)
     assert s["img_per_sec"] == 1024.0 and s["wallclock_img_per_sec"] == pytest.approx(512.0)
     main_scaling_report([str(d)], str(tmp_path / "r"))
-    assert "warning: n2: logged 1024.0 img/s but steps x global batch / wall clock gives 512.0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "warning: n2: logged 1024.0 img/s but steps x global batch / wall clock gives 512.0" in out
     ok = _write(tmp_path / "ok", [_rec(10, 512.0, 0), _rec(20, 512.0, 10), _rec(30, 512.0, 20)])
     main_scaling_report([str(ok)], str(tmp_path / "r2"))
     assert "warning" not in capsys.readouterr().out

@@ -270,7 +270,9 @@ if [[ $n -ge 2 ]]; then echo "stub rank ${SLURM_PROCID} done"; exit 0; fi
 # start 0: a trainer with its handler installed (checkpoint, exit 99); start 1: one still starting
 # up, which SIGUSR1's default action kills (srun exit code 138)
 if [[ $n -eq 0 ]]; then
-    trap 'echo "stub rank ${SLURM_PROCID} got USR1 ($n)"; [[ ${SLURM_PROCID} == 0 ]] && echo x > "$out/got_usr1_$n"; exit 99' USR1
+    trap 'echo "stub rank ${SLURM_PROCID} got USR1 ($n)"
+          [[ ${SLURM_PROCID} == 0 ]] && echo x > "$out/got_usr1_$n"
+          exit 99' USR1
 fi
 while :; do sleep 0.2; done
 """

@@ -68,7 +68,8 @@ def _mean_flat(x: torch.Tensor) -> torch.Tensor:
 def split_output(model_out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(eps, v) from the learned-sigma model output [B, 2C, ...], in x's dtype."""
     if model_out.shape[1] != 2 * x.shape[1]:
-        raise ValueError(f"ddpm needs the learned-sigma output (2C = {2 * x.shape[1]} channels), got {model_out.shape[1]}")
+        raise ValueError(f"ddpm needs the learned-sigma output (2C = {2 * x.shape[1]} channels), "
+                         f"got {model_out.shape[1]}")
     return model_out.to(x.dtype).chunk(2, dim=1)
 
 
@@ -119,7 +120,8 @@ class DiffusionProcess:
         return self._at(self.sqrt_alphas_cumprod, t, x0) * x0, self._at(1.0 - self.alphas_cumprod, t, x0)
 
     def q_sample(self, x0, t, noise):
-        return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return (self._at(self.sqrt_alphas_cumprod, t, x0) * x0
+                + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
     def q_posterior_mean_variance(self, x0, x_t, t):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
@@ -130,7 +132,10 @@ class DiffusionProcess:
         """Mean and log-variance of p(x_{t-1} | x_t) from the [B, 2C, ...] model output (eps, v)."""
         eps, v = split_output(model_out, x_t)
         frac = (v + 1) / 2
-        at = lambda arr: self._at(arr, t, x_t)
+
+        def at(arr):
+            return self._at(arr, t, x_t)
+
         log_var = frac * at(self.log_betas) + (1 - frac) * at(self.posterior_log_variance_clipped)
         x0_hat = at(self.sqrt_recip_alphas_cumprod) * x_t - at(self.sqrt_recipm1_alphas_cumprod) * eps
         mean, _, _ = self.q_posterior_mean_variance(x0_hat, x_t, t)

@@ -101,9 +101,11 @@ def resolve_backend(name: str, device: torch.device, widths: tuple[int, ...] = (
     if name == "auto":
         return "grouped" if device.type == "cuda" and hasattr(torch, "_grouped_mm") and aligned else "loop"
     if name == "grouped" and not hasattr(torch, "_grouped_mm"):
-        raise ConfigError(f"model.moe.backend: 'grouped' needs torch._grouped_mm (torch >= 2.8, this is {torch.__version__})")
+        raise ConfigError("model.moe.backend: 'grouped' needs torch._grouped_mm "
+                          f"(torch >= 2.8, this is {torch.__version__})")
     if name == "megablocks" and device.type != "cuda":
-        raise ConfigError(f"model.moe.backend: 'megablocks' needs a CUDA device (got {device}); use grouped, loop or auto")
+        raise ConfigError(f"model.moe.backend: 'megablocks' needs a CUDA device (got {device}); "
+                          "use grouped, loop or auto")
     if name == "megablocks" and not megablocks_available():
         raise ConfigError("model.moe.backend: 'megablocks' is not installed: see README (GPU install) or use grouped")
     if name != "loop" and not aligned:
@@ -112,7 +114,7 @@ def resolve_backend(name: str, device: torch.device, widths: tuple[int, ...] = (
     return name
 
 
-def run_experts(groups: list["ExpertGroup"], x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def run_experts(groups: list[ExpertGroup], x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Experts of several groups (routed + unconditional) in one backend call: x sorted by expert,
     counts over the groups' experts in order. Uses the first group's backend. ``grouped`` traces into
     the compiled graph; ``loop`` and ``megablocks`` read sizes on the host and run eagerly."""

@@ -103,7 +103,7 @@ def combine_sorted(ys, x, tok, order, inv, gate):
     return torch.zeros_like(x).index_add_(0, tok[order], ys.to(x.dtype) * gate[order, None].to(x.dtype))
 
 
-def local_dispatch(layer: "MoEMLP", x, tok, exp, gate):
+def local_dispatch(layer: MoEMLP, x, tok, exp, gate):
     """sum_j G_j E_j(x) over every assignment (Eq. 5), routed and unconditional experts in one call."""
     groups = [g for g in (layer.routed_experts, layer.uncond_experts) if g is not None]
     order, inv, counts = expert_order(exp, tok, sum(g.num for g in groups))

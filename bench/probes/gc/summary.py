@@ -20,7 +20,8 @@ def main(probe_dir: str, metrics_path: str) -> None:
     print(f"steady state: logged steps {logged[1]['step']} to {logged[-1]['step']} ({t1 - t0:.2f} s)")
     for gen in (0, 1, 2):
         ms = [e[2] for e in events if t0 <= e[0] <= t1 and e[1] == gen]
-        print(f"generation {gen}: {len(ms)} collections, {sum(ms):.1f} ms in total, longest {max(ms, default=0):.2f} ms")
+        print(f"generation {gen}: {len(ms)} collections, {sum(ms):.1f} ms in total, "
+              f"longest {max(ms, default=0):.2f} ms")
     full = [e for e in events if e[1] == 2]
     print(f"whole process: {len(events)} collections, {len(full)} full ones, {sum(e[0] < t0 for e in full)} of them "
           f"before the steady state, longest {max((e[2] for e in full), default=0):.0f} ms")

@@ -34,8 +34,9 @@ def _timed(fn, name, only=lambda *args: True):
 
 
 def _install():
-    import torch
     import deepspeed.runtime.engine as engine
+    import torch
+
     import promoe_ds.data as data
     import promoe_ds.diffusion.ddpm as ddpm
     import promoe_ds.diffusion.flow as flow

@@ -34,7 +34,7 @@ def main(probe_dir: str, metrics_path: str) -> None:
         first = defaultdict(list)  # host ms from a sync's return to each call's return, within the next step
         for a, b in zip(syncs, syncs[1:]):
             seen = set()
-            for name, t, ms in events:
+            for name, t, _ in events:
                 if a[1] < t < b[1] and name not in seen:
                     seen.add(name)
                     first[name].append((t - a[1]) * 1e3)
