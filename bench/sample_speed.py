@@ -134,7 +134,8 @@ def main() -> None:
     p.add_argument("--backend", default="auto", help="expert backend: auto | grouped | megablocks | loop")
     p.add_argument("--device", default="cuda", help="cuda | cpu")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast (default; --no-bf16 needs --no-compile for MoE presets: grouped GEMMs compile in bf16)")
+                   help="bf16 autocast (default; --no-bf16 needs --no-compile for MoE presets: grouped GEMMs "
+                        "compile in bf16)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the model under torch.compile (default)")
     p.add_argument("--authors-steps", type=int, default=0, help="time the authors' sampler over this many steps")
