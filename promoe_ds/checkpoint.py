@@ -14,6 +14,7 @@ and ep_size consolidate the same way.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from promoe_ds.config import ConfigError, model_config_diff
+from promoe_ds.config import ConfigError, RunError, model_config_diff
 from promoe_ds.models.moe import routed_expert_layer
 from promoe_ds.optim import master
 
@@ -37,7 +38,10 @@ def tag_for(step: int) -> str:
 
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except RuntimeError as e:  # torch's file writer names neither the file nor the errno (a full disk among them)
+        raise OSError(errno.EIO, _torch_write_error(e), str(path)) from None
     os.replace(tmp, path)
 
 
@@ -73,39 +77,112 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
 
 def save(engine, model, ema, ckpt_dir: Path, step: int, meta: dict, rank_state: dict, *, rank: int,
          ep_rank: int, expert_writer: bool, keep_last: int) -> Path:
+    """Write tag ``step`` on every rank, then (rank 0) its ``meta.json``, ``latest`` and the retention of
+    ``keep_last`` tags. A file that cannot be written (full disk, I/O error) on any rank: every rank raises the
+    same ``CheckpointWriteError`` naming it and the free space; the previous complete tag stays ``latest``."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
-    own = tag_dir / "promoe"
-    own.mkdir(parents=True, exist_ok=True)
+    error = None
+    try:  # DeepSpeed's collectives come before its first write, but for the barrier that ends it
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    except (OSError, RuntimeError) as e:
+        error = write_error(e, tag_dir, ckpt_dir)
+        dist.barrier()  # the barrier that ends save_checkpoint on the ranks whose writes went through
+    files = own_files(model, ema, rank_state, rank=rank, ep_rank=ep_rank, expert_writer=expert_writer)  # collective
+    if error is None:
+        try:
+            (tag_dir / "promoe").mkdir(parents=True, exist_ok=True)
+            for name, obj in files.items():
+                _atomic_save(obj, tag_dir / "promoe" / name)
+        except OSError as e:
+            error = write_error(e, tag_dir, ckpt_dir)
+    _raise_any(error, tag_dir, rank)
+    if rank == 0:
+        try:
+            _atomic_write_text(json.dumps(meta, indent=1), tag_dir / META)  # the tag is complete from here on
+            _atomic_write_text(tag + "\n", ckpt_dir / LATEST)
+        except OSError as e:
+            error = write_error(e, tag_dir, ckpt_dir)
+        else:
+            retire(ckpt_dir, tag, keep_last)
+    _raise_any(error, tag_dir, rank)
+    return tag_dir
+
+
+def own_files(model, ema, rank_state: dict, *, rank: int, ep_rank: int, expert_writer: bool) -> dict:
+    """{file name in ``promoe/``: what this rank writes there} (module docstring). Collective: the EMA is gathered."""
 
     def writes(name: str) -> bool:
         """CPU copies on the writers only: rank 0 the dense weights, an expert writer its EP rank's experts."""
         return expert_writer if routed_expert_layer(name) else rank == 0
 
     dense, routed = split_state(model, ema.state_dict(keep=writes), keep=writes)
+    files = {}
     if rank == 0:
-        _atomic_save(dense, own / "dense.pt")
+        files["dense.pt"] = dense
     if expert_writer and routed:
         first_id = {n: m.routed_experts.first_id for n, m in model.named_modules() if hasattr(m, "routed_experts")}
-        _atomic_save({"ep_rank": ep_rank, "first_id": first_id, "params": routed}, own / f"experts_ep{ep_rank:04d}.pt")
-    _atomic_save(rank_state, own / f"rank{rank:05d}.pt")
-    dist.barrier()
+        files[f"experts_ep{ep_rank:04d}.pt"] = {"ep_rank": ep_rank, "first_id": first_id, "params": routed}
+    files[f"rank{rank:05d}.pt"] = rank_state
+    return files
+
+
+def retire(ckpt_dir: Path, tag: str, keep_last: int) -> None:
+    """Retention after ``tag`` became complete: of the complete tags older than it, all but the newest
+    ``keep_last - 1`` are deleted (never a newer one), and so are tags a crash left half-written (no meta.json)."""
+    older = [t for t in complete_tags(ckpt_dir) if t < tag]
+    for old in older[:max(0, len(older) - keep_last + 1)]:
+        shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    for d in ckpt_dir.glob("step_*"):  # never resumed from; the run directory's lock keeps other jobs' out
+        if d.is_dir() and d.name != tag and not (d / META).is_file():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+class CheckpointWriteError(RunError):
+    """A checkpoint file could not be written (full disk, I/O error)."""
+
+
+def _torch_write_error(e: Exception) -> str:
+    """torch.save's failure without the C++ source location ("[enforce fail at inline_container.cc:672] . ")."""
+    text = str(e).strip().split("\n")[0]
+    return "torch.save: " + (text.split("] . ", 1)[-1] if text.startswith("[enforce fail") else text)
+
+
+def write_error(e: Exception, tag_dir: Path, ckpt_dir: Path) -> str:
+    """One line on a failed write: the file (the tag's directory where nothing names it), why, the free space."""
+    path = getattr(e, "filename", None) or tag_dir
+    why = e.strerror if isinstance(e, OSError) and e.strerror else _torch_write_error(e)
+    try:
+        free = f"{shutil.disk_usage(ckpt_dir).free / 2**20:.1f} MiB free on {ckpt_dir}"
+    except OSError:
+        free = f"free space on {ckpt_dir} unknown"
+    return f"cannot write checkpoint {str(path)!r} ({why}; {free})"
+
+
+def _raise_any(error: str | None, tag_dir: Path, rank: int) -> None:
+    """Where any rank failed to write, every rank raises (the first failing rank's message); rank 0 first removes
+    the half-written tag (space for the next attempt). Collective."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [r for r, e in enumerate(errors) if e is not None]
+    if not failed:
+        return
+    first = f"rank {failed[0]}: {errors[failed[0]]}"
+    ckpt_dir = tag_dir.parent
     if rank == 0:
-        _atomic_write_text(json.dumps(meta, indent=1), tag_dir / META)  # the tag is complete from here on
-        _atomic_write_text(tag + "\n", ckpt_dir / LATEST)
-        for old in complete_tags(ckpt_dir)[:-keep_last]:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-        for d in ckpt_dir.glob("step_*"):  # tags a crash left half-written (no meta.json): never resumed from
-            if d.is_dir() and d.name != tag and not (d / META).is_file():
-                shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(tag_dir, ignore_errors=True)
     dist.barrier()
-    return tag_dir
+    tags = complete_tags(ckpt_dir)
+    kept = (f"the previous checkpoint {tags[-1]} is complete and {LATEST!r} names it" if tags else
+            "no earlier checkpoint in this run")
+    raise CheckpointWriteError(f"{first}: {tag_dir.name} not written, {kept}; free space or move train.out_dir, "
+                               "then resume with train.resume=auto")
 
 
 def find_resume(ckpt_dir: Path, resume: str) -> Path | None:
-    """``auto``: the tag named by ``latest`` if complete, else the newest complete tag, else None.
-    ``none``: None. Otherwise a path to a tag directory, which must be complete."""
+    """``auto``: the newest complete tag (the one ``latest`` names, unless a crash came between a tag's
+    meta.json and ``latest``), else None. ``none``: None. Otherwise a path to a tag directory, which must be
+    complete."""
     if resume == "none":
         return None
     if resume != "auto":
@@ -113,11 +190,6 @@ def find_resume(ckpt_dir: Path, resume: str) -> Path | None:
         if not (tag_dir / META).is_file():
             raise ConfigError(f"train.resume: {resume!r} is not a complete checkpoint (no {META})")
         return tag_dir
-    latest = ckpt_dir / LATEST
-    if latest.is_file():
-        tag_dir = ckpt_dir / latest.read_text().strip()
-        if (tag_dir / META).is_file():
-            return tag_dir
     tags = complete_tags(ckpt_dir)
     return ckpt_dir / tags[-1] if tags else None
 

@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """A configuration mistake, reported as one line naming the key."""
 
 
+class RunError(Exception):
+    """A failure of the run that one line explains (a full disk): ``error: ...`` and exit 1, no traceback."""
+
+
 _SPEC_RE = re.compile(r"^E(\d+)A(\d+)S(\d+)[UN](\d+)$")
 
 
@@ -146,6 +150,7 @@ class TrainConfig:
     keep_last: int = 3
     resume: str = "auto"            # auto | none | path to a checkpoint tag directory
     init_from: str = ""             # exported .safetensors to start (fine-tune) from
+    overwrite: bool = False         # a run from step 0 moves another run's checkpoints in out_dir aside (rundir.py)
     max_bad_steps: int = 10         # abort after this many non-finite losses in a row
     collective_timeout: float = 900.0  # s a rank waits for the others (a collective, a step) before exiting 98
     compile: bool = False
@@ -364,13 +369,16 @@ def to_dict(obj) -> dict:
 
 
 def run_command(fn, *args) -> int:
-    """A command's exit code: ``fn(*args)``'s (0 for None), or 2 after one ``error: ...`` line on stderr for a
-    ConfigError (a user's mistake, never a traceback)."""
+    """A command's exit code: ``fn(*args)``'s (0 for None), or after one ``error: ...`` line on stderr 2 for a
+    ConfigError (a user's mistake, never a traceback) and 1 for a RunError."""
     try:
         return fn(*args) or 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 # The position-embedding layout of files (checkpoint meta.json, exported safetensors) written before the model config

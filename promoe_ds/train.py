@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 import promoe_ds
 from promoe_ds import checkpoint as ckpt
-from promoe_ds.config import Config, ConfigError, adopt_pos_embed, to_dict
+from promoe_ds import rundir
+from promoe_ds.config import Config, ConfigError, RunError, adopt_pos_embed, to_dict
 from promoe_ds.data import build_latent_source, stable_seed
 from promoe_ds.diffusion import build_objective
 from promoe_ds.ds_config import adamw_params, batch_layout, build_ds_config
@@ -120,13 +121,14 @@ def clip_in_adamw(optimizer, norm: torch.Tensor, max_norm: float, ok: torch.Tens
     return finite
 
 
-def finish(logger: MetricsLogger) -> None:
-    """The end of a run on every rank: the ranks leave together and take the process group down before the
-    interpreter exits (left to exit-time destructors, a rank whose peers had already gone once aborted with
-    "terminate called without an active exception" after a finished run)."""
+def finish(logger: MetricsLogger, run_lock: int | None) -> None:
+    """The end of a run on every rank: the ranks leave together, rank 0 gives up the run directory, and they take
+    the process group down before the interpreter exits (left to exit-time destructors, a rank whose peers had
+    already gone once aborted with "terminate called without an active exception" after a finished run)."""
     logger.close()
     watchdog.mark("finish")
     dist.barrier()
+    rundir.release(run_lock)
     dist.destroy_process_group()
 
 
@@ -217,16 +219,15 @@ class Trainer:
         self.zero_stage = int(self.ds_cfg["zero_optimization"].get("stage", 0))
         self.out_dir = Path(t.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        resume_dir, meta = self._resume_point()
         m = cfg.model
         self.latent_shape = (m.in_channels, m.input_size, m.input_size)
         self.data = build_latent_source(cfg.data, latent_shape=self.latent_shape, num_classes=m.num_classes,
                                         micro_batch=self.micro, rank=self.rank, world_size=self.world, seed=t.seed)
+        self.run_lock = rundir.agree(self.rank, rundir.lock, self.out_dir)  # creates out_dir; held until the end
+        resume_dir, meta = self._resume_point()
+        rundir.agree(self.rank, rundir.one_run, self.out_dir, resume_dir, int(meta["step"]) if meta else 0,
+                     t.overwrite)
         if self.rank == 0:
-            try:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ConfigError(f"train.out_dir: cannot create {t.out_dir!r} ({e.strerror})") from None
             (self.out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         watchdog.note_to(self.out_dir)
         self.counts = count_params(m)
@@ -488,9 +489,9 @@ class Trainer:
                 if self.rank == 0:
                     print(f"stopped by signal at step {self.step}: checkpoint written, exit {PREEMPTED_EXIT}",
                           flush=True)
-                finish(self.logger)
+                finish(self.logger, self.run_lock)
                 return PREEMPTED_EXIT
-        finish(self.logger)
+        finish(self.logger, self.run_lock)
         return 0
 
 
@@ -502,6 +503,10 @@ def main(config_path: str | None, overrides: list[str]) -> int:
         return Trainer(cfg).train()
     except RuntimeError as e:  # a collective failed because another rank went away: one line, exit 98
         watchdog.exit_if_peer_lost(e)
+        raise
+    except (ConfigError, RunError):  # raised on every rank alike: they leave together, as finish() does
+        if dist.is_initialized():
+            dist.destroy_process_group()
         raise
 
 

@@ -59,7 +59,7 @@ for nodes in ${NODES_LIST}; do
     gpus=$((nodes * GPUS_PER_NODE))
     run_dir="${RUN_ROOT}/n${nodes}"
     overrides="train.global_batch=$((PER_GPU_BATCH * gpus)) train.steps=${STEPS}"
-    overrides+=" train.log_every=${LOG_EVERY} train.ckpt_every=${STEPS} train.resume=none"
+    overrides+=" train.log_every=${LOG_EVERY} train.ckpt_every=${STEPS} train.resume=none train.overwrite=true"
     if [[ -n "${EP_SIZE}" ]]; then overrides+=" train.ep_size=${EP_SIZE}"; fi
     if [[ -n "${OVERRIDES}" ]]; then overrides+=" ${OVERRIDES}"; fi
     # The job reads CONFIG / RUN_DIR / OVERRIDES / DEVICE from the environment (sbatch --export=ALL).
