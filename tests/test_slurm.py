@@ -89,10 +89,12 @@ def test_scaling_sh_dry_run(tmp_path):
     assert "scaling-report" in r.stdout and not (tmp_path / "scal").exists()
 
 
-@pytest.mark.parametrize("name,worlds", [("promoe_xl_1node.yaml", (8,)), ("promoe_h_multinode.yaml", (8, 16, 64))])
-def test_example_configs_lay_out(name, worlds):
+@pytest.mark.parametrize("name,worlds,stage", [("promoe_xl_1node.yaml", (8,), 0), ("promoe_h_multinode.yaml", (8, 16, 64), 2)])
+def test_example_configs_lay_out(name, worlds, stage):
     """The documented layouts pass the trainer's preflight: ep_size divides the GPUs and the routed
-    experts, the per-GPU batch divides out (PER_GPU_BATCH x GPUs), ZeRO-2, bf16 on GPU."""
+    experts, the per-GPU batch divides out (PER_GPU_BATCH x GPUs), bf16 on GPU, compiled; one node
+    ZeRO-0 with AdamW and the EMA in one pass (its own optimizer), several nodes ZeRO-2 with torch's
+    fused AdamW."""
     import torch
 
     from promoe_ds.config import load_config
@@ -106,8 +108,10 @@ def test_example_configs_lay_out(name, worlds):
         preflight(cfg, world, torch.device("cuda"))
         ds = build_ds_config(cfg.train, world, on_gpu=True)
         assert ds["train_micro_batch_size_per_gpu"] == per_gpu and ds["gradient_accumulation_steps"] == 1
-        assert ds["zero_optimization"]["stage"] == 2 and ds["torch_autocast"]["enabled"]  # bf16 autocast
-        assert ds["optimizer"]["params"]["torch_adam"] and ds["optimizer"]["params"]["fused"]  # one-kernel AdamW
+        assert ds["zero_optimization"]["stage"] == stage and ds["torch_autocast"]["enabled"]  # bf16 autocast
+        assert cfg.train.compile and cfg.train.fused_ema == (stage == 0)
+        if stage:
+            assert ds["optimizer"]["params"]["torch_adam"] and ds["optimizer"]["params"]["fused"]  # one-kernel AdamW
         assert cfg.model.moe.spec().routed % cfg.train.ep_size == 0 and cfg.train.ep_size <= 8  # EP within a node
     assert load_config(str(SLURM_DIR / "configs" / name), []).train.global_batch == per_gpu * worlds[-1]
 
