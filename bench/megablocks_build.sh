@@ -20,7 +20,7 @@
 # /tmp/megablocks-wheels: survives only while the machine stays warm). If a command hits the limit,
 # run `... megablocks_build.sh gg` and `... megablocks_build.sh` as two commands. With $OUT set the
 # wheels and build logs are copied there, so they come back: put the wheels into .gpu/megablocks/built/
-# and later sessions install them without compiling (same image: torch 2.11 cu130, Python 3.12).
+# and later runs install them without compiling (same image: torch 2.11 cu130, Python 3.12).
 set -euo pipefail
 step=${1:-all}
 case $step in gg|mb|all) ;; *) echo "usage: $0 [gg|mb|all]" >&2; exit 2 ;; esac

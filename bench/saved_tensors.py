@@ -1,5 +1,5 @@
 """What a compiled train step keeps for its backward, with float32 weights under bf16 autocast and with
-``train.bf16_weights`` (docs/speed.md, "bf16 weights with float32 masters"): the bytes of the parameters and
+``train.bf16_weights`` (docs/performance.md): the bytes of the parameters and
 of the tensors saved for the backward that are allocations of their own (a saved parameter costs nothing), by
 dtype, and among them the expert weights with their bias columns appended (``[E, O, K + 8]``, the grouped
 GEMMs' operands). Their sum is what is alive when the backward starts, before any gradient exists. CPU or GPU.

@@ -76,7 +76,7 @@ def cmd_quickstart(args) -> None:
 
 
 def add_stage_subparsers(sub) -> None:
-    """export / sample / eval / quickstart (issue 5)."""
+    """export / sample / eval / quickstart."""
     s = sub.add_parser("export", help="consolidate a checkpoint (any layout) into one .safetensors file")
     s.add_argument("--checkpoint", required=True, help="run directory, its checkpoints/ directory or a tag directory")
     s.add_argument("--tag", help="checkpoint tag, e.g. step_00100000 (default: the one 'latest' names)")

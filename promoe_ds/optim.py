@@ -4,7 +4,7 @@ Torch's fused AdamW reads weight, gradient and both moments and writes weight an
 parameter); the EMA then reads the new weight and its average again and writes the average (12 more). Here
 both run in one function that inductor compiles into kernels doing both per element: 36 bytes per parameter
 instead of 40, and one pass fewer over the largest tensors of a step whose optimizer part is bound by memory
-bandwidth (ProMoE-XL: 1567M parameters against dense DiT-XL's 675M, docs/speed.md).
+bandwidth (ProMoE-XL: 1567M parameters against dense DiT-XL's 675M, docs/performance.md).
 
 ``train.bf16_weights`` (with it): the weights that bf16 autocast would cast to bf16 at every forward are kept
 in bf16 (``keep_bf16_weights``), AdamW steps their float32 masters, and the same pass writes the bf16 copies.
@@ -12,7 +12,7 @@ A step then neither casts those weights in the forward (4 bytes read, 2 written 
 gradients back to float32 in the backward (2 read, 4 written); the gradient norm and AdamW read 2-byte
 gradients and the pass writes 2 bytes more: ~12 bytes fewer per weight and step where the casts were kernels
 of their own (expert weights are cast where their bias columns are appended, which stays as a bf16 copy:
-~4 bytes there; measured in docs/speed.md). The arithmetic is
+~4 bytes there; docs/performance.md). The arithmetic is
 autocast's: the forward sees bf16(master) either way, the gradient is the same bf16 tensor, and the master
 steps in float32.
 """
