@@ -1,4 +1,4 @@
-"""Train-step benchmarks (issue 7): configurations side by side on one GPU, or weak scaling over GPUs.
+"""Train-step benchmarks: configurations side by side on one GPU, or weak scaling over GPUs.
 
 One GPU: dense DiT-XL vs ProMoE-XL per expert backend. One step = flow-matching forward (bf16
 autocast) + RCL, backward, grad clip 0.5 and fused AdamW (the clip inside AdamW, as the trainer's ZeRO-0
@@ -8,7 +8,7 @@ that pass, as train.bf16_weights), on 256px latents (4x32x32) with synthetic dat
 in the same process on the same GPU, so the printed ratios compare like with like. Prints img/s, step ms,
 peak GiB, MFU and the ratios to compiled dense and to the loop reference.
 
-    python bench/train_step.py                       # the issue-7 table (batch 32 and 64)
+    python bench/train_step.py                       # the default table (batch 32 and 64)
     python bench/train_step.py --batch 64 --configs dense-compiled,grouped,loop --steps 20
 
 Several GPUs (--gpus): for each N the real trainer (DeepSpeed ZeRO-2, expert parallel
@@ -50,7 +50,7 @@ from promoe_ds.scaling import ScalingError, add_ratios, markdown_table, summariz
 from promoe_ds.train import clip_in_adamw, diffusion_losses
 
 COMPILERS = {None: lambda m: m,   # eager
-             "torch": torch.compile,  # plain torch.compile: the issue's dense reference
+             "torch": torch.compile,  # plain torch.compile: the dense reference
              "trainer": compile_model}  # what train.compile=true uses (inductor's mix-order reduction off)
 CONFIGS = {  # name: (preset, expert backend or None for dense, compiler)
     "dense": ("DiT-XL", None, None),
