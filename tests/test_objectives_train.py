@@ -1,7 +1,8 @@
 """Both objectives train a tiny ProMoE on CPU; DDPM sampling through promoe_ds.sample; the paper's DDPM configs.
 
 A tiny model trained for a few hundred CPU steps on toy latents lowers the loss for both objectives
-(by a margin); sampling is deterministic with a fixed seed; CFG scale 1.0 is one pass per step. Training is a plain single-process PyTorch loop (build_model + build_objective + AdamW on
+(by a margin); sampling is deterministic with a fixed seed; CFG scale 1.0 is one pass per step.
+Training is a plain single-process PyTorch loop (build_model + build_objective + AdamW on
 ``SyntheticSource`` latents, class dropout and the routing loss as in promoe_ds/train.py), so the
 test measures the objective and the model, not DeepSpeed.
 """

@@ -89,7 +89,8 @@ def test_scaling_sh_dry_run(tmp_path):
     assert "scaling-report" in r.stdout and not (tmp_path / "scal").exists()
 
 
-@pytest.mark.parametrize("name,worlds,stage", [("promoe_xl_1node.yaml", (8,), 0), ("promoe_h_multinode.yaml", (8, 16, 64), 2)])
+@pytest.mark.parametrize("name,worlds,stage", [("promoe_xl_1node.yaml", (8,), 0),
+                                               ("promoe_h_multinode.yaml", (8, 16, 64), 2)])
 def test_example_configs_lay_out(name, worlds, stage):
     """The documented layouts pass the trainer's preflight: ep_size divides the GPUs and the routed
     experts, the per-GPU batch divides out (PER_GPU_BATCH x GPUs), bf16 on GPU, compiled; one node

@@ -29,7 +29,8 @@ def _presets() -> dict[str, dict]:
                                                     rcl_weight=0.0))
     # XL backbone with 16 routed experts: divisible by expert-parallel sizes 2, 4, 8 and 16.
     out["ProMoE-XL-E16"] = dict(_SIZES["XL"], moe=dict(router="promoe", experts="E18A1S1U1", expert_mlp_ratio=2.0))
-    # 13.8B total, 3.0B activated (promoe-ds info --model ProMoE-H): for multi-node expert-parallel runs (32 routed experts: ep_size up to 32).
+    # 13.8B total, 3.0B activated (promoe-ds info --model ProMoE-H): for multi-node expert-parallel runs
+    # (32 routed experts: ep_size up to 32).
     out["ProMoE-H"] = dict(depth=40, hidden_size=2048, num_heads=32,
                            moe=dict(router="promoe", experts="E34A1S1U1", expert_mlp_ratio=2.0))
     return out
