@@ -57,6 +57,14 @@ def cmd_export(args) -> None:
     print(f"exported {args.weights} weights of step {meta['step']} ({meta['source']}) -> {args.out}")
 
 
+def cmd_import(args) -> None:
+    from promoe_ds.official import import_checkpoint, summary
+
+    meta = import_checkpoint(args.checkpoint, args.out, weights=args.weights, router=args.router, top_k=args.top_k,
+                             num_heads=args.num_heads, vae=args.vae)
+    print(f"imported {args.weights} weights of {meta['source']} -> {args.out}: {summary(meta)}")
+
+
 def cmd_sample(args) -> None:
     from promoe_ds.sample import main_sample
 
@@ -84,6 +92,21 @@ def add_stage_subparsers(sub) -> None:
                                                                               "reported result) or raw weights")
     s.add_argument("--out", required=True, help="output .safetensors file")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("import", help="an official checkpoint (ali-vilab/ProMoE, facebookresearch/DiT) as a "
+                                      "promoe-ds .safetensors file for sample, eval and train.init_from")
+    s.add_argument("--checkpoint", required=True, help="ckpt_step_*.pth (ali-vilab/ProMoE) or DiT-XL-2-*.pt "
+                                                       "(facebookresearch/DiT)")
+    s.add_argument("--out", required=True, help="output .safetensors file")
+    s.add_argument("--weights", choices=("ema", "model"), default="ema",
+                   help="ali-vilab/ProMoE: the EMA (default, the released results) or the raw weights")
+    s.add_argument("--router", choices=("promoe", "promoe_ec"), default="promoe",
+                   help="ProMoE: token choice (models_ProMoE_TC.py, default) or expert choice (models_ProMoE_EC.py); "
+                        "the tensors are the same")
+    s.add_argument("--top-k", type=int, default=1, help="ProMoE: routed experts per token (1: the released models)")
+    s.add_argument("--num-heads", type=int, help="attention heads, for a size that is no preset's")
+    s.add_argument("--vae", help="VAE recorded for sampling (default: sd-vae-ft-mse for ProMoE, sd-vae-ft-ema for DiT)")
+    s.set_defaults(func=cmd_import)
 
     s = sub.add_parser("sample", help="images (PNGs, grid, ADM .npz) from an exported file; 1 CPU, 1 or many GPUs")
     s.add_argument("--weights", required=True, help="exported .safetensors (promoe-ds export)")

@@ -76,6 +76,8 @@ class MoEConfig:
     rcl_assign: Literal["topk", "top1"] = "topk"  # topk: a token counts in the mean of each of its k experts
     lb_weight: float = 0.0          # load-balancing loss weight (off for ProMoE, Tab. 12)
     ec_capacity: float = 1.0        # expert-choice: tokens per expert = capacity * k * tokens / routed
+    ec_group: Literal["batch", "sample"] = "batch"  # expert choice among the conditional tokens of: the micro-batch
+    # | each sample apart (ali-vilab/ProMoE's expert-choice code: a sample's output independent of the batch)
     backend: Literal["auto", "loop", "grouped", "megablocks"] = "auto"  # expert compute (models/experts.py)
 
     def spec(self) -> ExpertSpec:

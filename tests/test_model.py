@@ -181,6 +181,10 @@ def test_baseline_routers():
     y, aux = pec(x, torch.tensor([True, False]))
     assert aux["counts"].tolist() == [4, 4, 4, 4]  # quota over the 16 conditional tokens only
     assert aux["rcl"] > 0
+    per_sample = MoEMLP(32, MoEConfig(router="ec", experts="E4A1S0U0", expert_mlp_ratio=4.0, rcl_weight=0.0,
+                                      ec_group="sample"), mlp_ratio=4.0, layer_seed=0)
+    _, _, _, member = per_sample._assign(per_sample._scores(x.reshape(32, 32)), torch.ones(32, dtype=torch.bool), 16)
+    assert member.view(2, 16, 4).sum(1).tolist() == [[4.0] * 4] * 2  # every expert: 16 / 4 tokens of each sample
 
 
 # ------------------------------------------------------------------ config, presets, counts

@@ -156,7 +156,7 @@ class MoEMLP(nn.Module):
         self.spec, self.router = spec, moe.router
         self.top_k, self.alpha, self.activation = spec.top_k, moe.alpha, moe.activation
         self.rcl_weight, self.rcl_tau, self.rcl_assign = moe.rcl_weight, moe.rcl_tau, moe.rcl_assign
-        self.lb_weight, self.ec_capacity = moe.lb_weight, moe.ec_capacity
+        self.lb_weight, self.ec_capacity, self.ec_group = moe.lb_weight, moe.ec_capacity, moe.ec_group
         hidden = int(dim * (moe.expert_mlp_ratio or mlp_ratio / (1 + spec.shared)))
         if spec.routed % ep_size:
             raise ValueError(f"{spec.routed} routed experts cannot be split over ep_size={ep_size}")
@@ -190,7 +190,17 @@ class MoEMLP(nn.Module):
             return z.softmax(-1) if self.activation == "softmax" else z  # Eq. 2, identity by default
         return _atleast_f32(self.gate(x)).softmax(-1)
 
-    def _assign(self, scores, routed_ok):
+    def _choose_per_sample(self, scores, routed_ok, seq_len: int):
+        """Expert choice within each conditional sample: every routed expert takes its top floor(S / E * k *
+        capacity) of the sample's S tokens (ali-vilab/ProMoE's models_ProMoE_EC.py); returns (token, gate)
+        [samples, quota, E]. Null-label samples (all tokens unconditional) take no part."""
+        num = scores.shape[1]
+        quota = max(1, min(int(seq_len / num * self.top_k * self.ec_capacity), seq_len))
+        samples = routed_ok.view(-1, seq_len)[:, 0].nonzero().squeeze(1)  # the conditional samples
+        gate, pos = scores.view(-1, seq_len, num)[samples].topk(quota, dim=1)
+        return pos + samples[:, None, None] * seq_len, gate
+
+    def _assign(self, scores, routed_ok, seq_len: int):
         """-> (token, expert id, gate) per assignment, and ``member`` [N, E_routed]: the routed experts
         of each conditional token (for RCL, load balancing and load statistics). Token choice gives
         every token the same number of slots, token-major: its token is None (assignment a is token
@@ -215,10 +225,13 @@ class MoEMLP(nn.Module):
                 gate = torch.where(routed_ok[:, None], gate, gate_u)
             return None, exp.reshape(-1), gate.reshape(-1), member
         # expert choice: each routed expert takes a fixed quota of the conditional tokens
-        n_routed = int(routed_ok.sum())
-        quota = min(n_routed, max(1, round(self.ec_capacity * self.top_k * n_routed / num)))
-        gate, tok = scores.masked_fill(~routed_ok[:, None], float("-inf")).topk(quota, dim=0)  # [quota, num]
-        exp = torch.arange(num, device=scores.device).repeat(quota)
+        if self.ec_group == "sample":
+            tok, gate = self._choose_per_sample(scores, routed_ok, seq_len)
+        else:
+            n_routed = int(routed_ok.sum())
+            quota = min(n_routed, max(1, round(self.ec_capacity * self.top_k * n_routed / num)))
+            gate, tok = scores.masked_fill(~routed_ok[:, None], float("-inf")).topk(quota, dim=0)  # [quota, num]
+        exp = torch.arange(num, device=scores.device).expand_as(tok).reshape(-1)
         tok, gate = tok.reshape(-1), gate.reshape(-1)
         member = torch.zeros_like(scores)
         member[tok, exp] = 1.0
@@ -238,7 +251,7 @@ class MoEMLP(nn.Module):
         routed_ok = (cond.repeat_interleave(l) if self.uncond_experts is not None
                      else torch.ones(b * l, dtype=torch.bool, device=x.device))  # no uncond experts: all routed
         scores = self._scores(xf)
-        tok, exp, gate, member = self._assign(scores, routed_ok)
+        tok, exp, gate, member = self._assign(scores, routed_ok, l)
         out = out + self.dispatch(self, xf, tok, exp, gate).to(out.dtype)
 
         aux = {}
