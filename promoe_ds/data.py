@@ -29,9 +29,11 @@ Shard source (``data.source: wds``), over the shards of ``<data.path>/manifest.j
   Resuming costs at most one epoch's share of reading for this rank.
 * Bad data. A shard that is missing at start is left out and counted; one that fails while being
   read (missing, truncated, not a tar) is skipped for the rest of that read with a warning and
-  counted in ``stats["bad_shards"]`` (again each epoch it is drawn). A sample that cannot be decoded, or
-  whose class is outside [0, num_classes), is counted in ``stats["bad_samples"]``. If an epoch of this rank
-  yields no sample at all, a ``ConfigError`` names the data path instead of looping forever.
+  counted in ``stats["bad_shards"]`` (again each epoch it is drawn). A sample that cannot be decoded,
+  whose class is outside [0, num_classes), or whose latent is not finite (NaN / inf stored, or a log-variance
+  whose exponential overflows; warned of once, naming the shard and the key) is skipped and counted in
+  ``stats["bad_samples"]``. If an epoch of this rank yields no sample at all, a ``ConfigError`` names the
+  data path instead of looping forever.
 """
 from __future__ import annotations
 
@@ -174,6 +176,7 @@ class _Plan:
         self.shuffle_buffer, self.latent_shape, self.scale = shuffle_buffer, latent_shape, scale
         self.num_classes = num_classes
         self._good_headers: set[bytes] = set()
+        self._nonfinite_seen: set[tuple] = set()
 
     def slot_shards(self, epoch: int, worker: int) -> list[int]:
         slots = self.world_size * self.workers
@@ -236,12 +239,13 @@ class _Plan:
         g = torch.Generator().manual_seed(seed)
         views = torch.randint(2, (len(chunk),), generator=g).tolist()
         stats = np.empty((len(chunk), 2, *self.latent_shape), np.float16)  # mean, logvar of the chosen view
-        labels = []
+        labels, decoded = [], []
         for s, v in zip(chunk, views):
             try:
                 stats[len(labels), 0] = self._npy(s["mean.npy"])[v]
                 stats[len(labels), 1] = self._npy(s["logvar.npy"])[v]
                 labels.append(self._label(s["cls"]))
+                decoded.append(s)
             except (KeyError, ValueError, OSError, EOFError) as e:
                 errors["bad_samples"] += 1
                 log.warning("skipping sample %s in %s: %s: %s", s.get("__key__"), s.get("__url__"), type(e).__name__, e)
@@ -249,7 +253,24 @@ class _Plan:
         eps = torch.randn(len(labels), *self.latent_shape, generator=g)
         std = stats[:, 1].mul_(0.5).exp_()
         z = torch.addcmul(stats[:, 0], std, eps, out=eps).mul_(self.scale)
-        return z, torch.tensor(labels, dtype=torch.int64)
+        labels = torch.tensor(labels, dtype=torch.int64)
+        finite = z.flatten(1).isfinite().all(1)
+        if not finite.all():  # NaN / inf stored, or a log-variance whose exp overflows: the sample would make
+            # every step it is drawn in non-finite and skipped
+            for i in (~finite).nonzero().flatten().tolist():
+                errors["bad_samples"] += 1
+                self._nonfinite(decoded[i])
+            z, labels = z[finite], labels[finite]
+        return z, labels
+
+    def _nonfinite(self, sample: dict) -> None:
+        """Warns of a sample with a non-finite latent once per loader process (it comes back every epoch)."""
+        name = (sample.get("__url__"), sample.get("__key__"))
+        if name not in self._nonfinite_seen:
+            self._nonfinite_seen.add(name)
+            log.warning("skipping sample %s in %s: non-finite latent (NaN or inf in its stored mean or "
+                        "log-variance); skipped and counted in data/bad_samples every time it is drawn", name[1],
+                        name[0])
 
 
 class _Stream(torch.utils.data.IterableDataset):

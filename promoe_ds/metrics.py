@@ -41,7 +41,7 @@ class MetricsLogger:
         self.flops_per_image, self.peak = flops_per_image, peak_flops(device)
         self.sums: dict[str, float] = {}
         self.load = None
-        self.n = self.steps = 0
+        self.n = self.steps = self.skipped = 0
         self.t0 = time.time()
         self.wandb = None
         if rank == 0 and wandb_cfg.mode != "disabled":
@@ -70,16 +70,22 @@ class MetricsLogger:
             self.load = c if self.load is None else self.load + c
         self.n = self.n + keep.to(torch.float64)
 
-    def step(self) -> None:
-        """One optimizer step (global batch) done: throughput counts these, not micro-batches."""
+    def step(self, applied: bool = True) -> None:
+        """One optimizer step (global batch) done, its update ``applied`` or skipped: throughput counts these,
+        not micro-batches."""
         self.steps += 1
+        self.skipped += not applied
 
-    def log(self, step: int, extra: dict[str, float]) -> dict:
-        """Reduce over ranks and print/write; call on every rank."""
-        keys = sorted(self.sums)
+    def log(self, step: int, extra: dict[str, float], summed: dict[str, float] | None = None) -> dict:
+        """Reduce over ranks and print/write; call on every rank. ``extra``: rank 0's values; ``summed``: counts
+        summed over the ranks. An interval whose every update was skipped has no loss: its record says
+        ``skipped`` (steps of the interval skipped, as in every record) without loss or expert load."""
+        all_skipped = self.steps > 0 and self.skipped == self.steps  # the same on every rank
+        keys = [] if all_skipped else sorted(self.sums)
         n = torch.as_tensor(self.n, dtype=torch.float64, device=self.device).clamp(min=1)
         vec = (torch.stack([self.sums[k] for k in keys]) / n).cpu() if keys else torch.zeros(0, dtype=torch.float64)
-        load = self.load.cpu() if self.load is not None else None
+        load = self.load.cpu() if self.load is not None and not all_skipped else None
+        totals = torch.tensor(list((summed or {}).values()), dtype=torch.float64)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dev = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
             vec = vec.to(dev)
@@ -89,6 +95,11 @@ class MetricsLogger:
                 load = load.to(dev)
                 dist.all_reduce(load)
                 load = load.cpu()
+            if summed:
+                totals = totals.to(dev)
+                dist.all_reduce(totals)
+                totals = totals.cpu()
+        extra = {**extra, **{k: int(v) for k, v in zip(summed or {}, totals.tolist())}}
         if self.device.type == "cuda":  # peak memory of the window, the largest over the ranks (an OOM's margin)
             # reserved, not allocated: a CUDA graph's replay uses its private pool without allocating
             peak = torch.tensor([torch.cuda.max_memory_reserved(self.device) / 2**30], device=self.device)
@@ -98,7 +109,7 @@ class MetricsLogger:
             torch.cuda.reset_peak_memory_stats(self.device)
         elapsed = time.time() - self.t0
         ips = self.global_batch * self.steps / max(elapsed, 1e-9)
-        rec = {"step": step, **dict(zip(keys, vec.tolist())), **extra, "img_per_sec": ips,
+        rec = {"step": step, **dict(zip(keys, vec.tolist())), "skipped": self.skipped, **extra, "img_per_sec": ips,
                "img_per_sec_per_gpu": ips / self.world, "world_size": self.world, "global_batch": self.global_batch,
                "time": time.time()}
         if self.peak:
@@ -109,7 +120,9 @@ class MetricsLogger:
             rec["router/load_max_over_mean"] = float((frac.max(1).values * frac.shape[1]).mean())
             rec["router/unused_experts"] = int((load == 0).sum())
         if self.rank == 0:
-            parts = " | ".join(f"{k} {rec[k]:.4f}" for k in keys)
+            parts = " | ".join(f"{k} {rec[k]:.4f}" for k in keys) if keys else "skipped: no loss (non-finite)"
+            if self.skipped and keys:
+                parts += f" | skipped {self.skipped} of {self.steps} steps"
             mfu = f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else ""
             mem = f" | mem {rec['mem_peak_gib']:.1f} GiB" if "mem_peak_gib" in rec else ""
             print(f"step {step:>7d} | {parts} | grad_norm {rec.get('grad_norm', float('nan')):.3f} | "
@@ -122,7 +135,7 @@ class MetricsLogger:
                     for i, row in enumerate(frac.tolist()):
                         flat.update({f"expert_load/layer{i}/e{j}": v for j, v in enumerate(row)})
                 self.wandb.log(flat, step=step)
-        self.sums, self.load, self.n, self.steps, self.t0 = {}, None, 0, 0, time.time()
+        self.sums, self.load, self.n, self.steps, self.skipped, self.t0 = {}, None, 0, 0, 0, time.time()
         return rec
 
     def close(self) -> None:

@@ -473,13 +473,15 @@ class Trainer:
             if self.step == start + 1 and self.rank == 0:
                 print(f"step {self.step}: {time.perf_counter() - started:.1f} s"
                       f"{compile_report() if t.compile else ''}", flush=True)
-            self.logger.step()
+            self.logger.step(applied)
             self.after_step(applied, bad)
             with phase("bookkeeping"):
                 if self.step % t.log_every == 0 or self.step == t.steps:
+                    stats = self.data.stats
                     self.logger.log(self.step, {"grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                                                 "lr": self.engine.get_lr()[0], "skipped_steps": self.skipped,
-                                                **{f"data/{k}": v for k, v in self.data.stats.items()}})
+                                                **{f"data/{k}": v for k, v in stats.items() if k == "epoch"}},
+                                    summed={f"data/{k}": v for k, v in stats.items() if k != "epoch"})  # counts
                 stopping = self.stop.agreed(self.device)
             if self.profiler:
                 self.profiler.end(self.step, last=stopping or self.step == t.steps)

@@ -230,3 +230,32 @@ def test_fast_tar_reader_matches_tarfile(tmp_path):
         expected = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
     assert [(m["fname"], m["data"]) for m in _tar_members(shard)] == expected
     assert len(expected) == 6 * 4
+
+
+def test_samples_with_a_nonfinite_latent_are_skipped_and_named_once(tmp_path, caplog):
+    """A NaN in a stored mean, or a log-variance whose exponential overflows: bad samples, skipped every epoch and
+    counted each time, warned of once with their shard and key."""
+    make_shards(tmp_path, [6])
+    shard = tmp_path / "shard-000000.tar"
+    members = list(_tar_members(shard))
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m in members:
+            data, key = m["data"], m["fname"].split(".")[0]
+            if m["fname"].endswith(".npy") and (key, m["fname"][len(key) + 1:]) in {("00000001", "mean.npy"),
+                                                                                   ("00000004", "logvar.npy")}:
+                a = np.load(io.BytesIO(data))
+                a[:, 0, 1, 2] = np.nan if key == "00000001" else 200.0  # exp(100) overflows float32
+                buf = io.BytesIO()
+                np.save(buf, a)
+                data = buf.getvalue()
+            info = tarfile.TarInfo(m["fname"])
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    src = source(tmp_path, workers=0, micro=1, buffer=1, resampled=False)
+    with caplog.at_level(logging.WARNING):
+        seen = epoch_samples(src, 1)  # reads epochs 0 and 1
+    assert sorted(i for i, _ in seen) == [0, 2, 3, 5]
+    assert src.stats["bad_samples"] == 4  # 2 in each epoch
+    warned = [r.getMessage() for r in caplog.records if "non-finite latent" in r.getMessage()]
+    assert sorted(w.split()[2] for w in warned) == ["00000001", "00000004"], warned
+    assert all(str(shard) in w for w in warned)

@@ -1,11 +1,12 @@
 """A step with a non-finite loss is skipped exactly: real DeepSpeed engine, 2 gloo processes, ep_size 2.
 
-The bad value comes from the data, as it would in a real run: one latent in a WebDataset shard holds a
-NaN (or inf), placed where rank 1 reads it as micro-batch ``micro`` of step 2; rank 0 only reads finite
-latents. Every step writes a checkpoint, so the test compares what the trainer itself saved: weights and
-EMA (``promoe/*.pt``) and each rank's ZeRO partition of the optimizer (fp32 master weights, AdamW moments
-and step count; ZeRO-0: each EP rank's AdamW state) after step 1 and after the skipped step 2 must be
-bit-identical; step 3 trains normally.
+The bad value comes from the data, as it would in a real run: one sample of a WebDataset shard stores a
+log-variance of 100, a finite latent of ~1e21 whose squared error overflows float32, placed where rank 1
+reads it as micro-batch ``micro`` of step 2; rank 0 only reads ordinary latents. (A NaN or inf stored in a
+shard never reaches the model: the loader skips it as a bad sample, the last case.) Every step writes a
+checkpoint, so the test compares what the trainer itself saved: weights and EMA (``promoe/*.pt``) and each
+rank's ZeRO partition of the optimizer (fp32 master weights, AdamW moments and step count; ZeRO-0: each EP
+rank's AdamW state) after step 1 and after the skipped step 2 must be bit-identical; step 3 trains normally.
 """
 import numpy as np
 import pytest
@@ -21,12 +22,14 @@ pytestmark = pytest.mark.slow
 SHAPE = (4, 8, 8)  # configs/tiny_cpu.yaml: 4 channels, 8x8 latents
 SCALE = 0.5
 SEED = 3
+LOUD = 100.0  # a log-variance: latents ~ exp(50) * scale, finite; their squared error overflows float32
 
 
-def write_shards(root, bad_id=None, bad_value=float("nan"), ids=False):
+def write_shards(root, bad_id=None, bad_value=LOUD, ids=False):
     """4 shards x 12 samples. ``ids``: mean = sample id + 1 and no noise, so a loaded latent names its
-    sample; else random latents, sample ``bad_id`` with one non-finite value. The order in which a rank
-    reads the samples does not depend on their values."""
+    sample; else random latents, sample ``bad_id`` with the log-variance ``bad_value`` if that is finite, else
+    with one value of its mean ``bad_value``. The order in which a rank reads the samples does not depend on
+    their values."""
     entries = []
     for s in range(4):
         samples = []
@@ -36,7 +39,9 @@ def write_shards(root, bad_id=None, bad_value=float("nan"), ids=False):
             else:
                 mean = np.random.default_rng(k).standard_normal((2, *SHAPE)).astype(np.float16)
                 logvar = np.full((2, *SHAPE), -2, np.float16)
-                if k == bad_id:
+                if k == bad_id and np.isfinite(bad_value):
+                    logvar[:] = bad_value  # both views
+                elif k == bad_id:
                     mean[:, 1, 2, 3] = bad_value  # both views: one corrupt value in the latent
             samples.append({"__key__": f"{k:08d}", "mean.npy": mean, "logvar.npy": logvar, "cls": k % 10,
                             "src": f"c/{k}.JPEG"})
@@ -56,7 +61,8 @@ def rank_batches(root, rank, micro, n):
 
 
 def make_data(root, micro, gas, bad_micro, bad_value):
-    """Shards where rank 1 reads a non-finite latent in micro-batch ``bad_micro`` of step 2, rank 0 none."""
+    """Shards where rank 1 reads the bad sample in micro-batch ``bad_micro`` of step 2, rank 0 none; the
+    overrides that read them and the bad sample's key."""
     root.mkdir()
     bad_batch = gas + bad_micro  # step 2 (1-based) = micro-batches gas .. 2*gas-1
     write_shards(root, ids=True)
@@ -64,23 +70,25 @@ def make_data(root, micro, gas, bad_micro, bad_value):
     bad_id = int(round(z.abs().mean().item() / SCALE)) - 1
     write_shards(root, bad_id, bad_value)
     for rank in (0, 1):
-        finite = [bool(b.isfinite().all()) for b in rank_batches(root, rank, micro, 3 * gas)]
-        assert finite == [rank == 0 or i != bad_batch for i in range(3 * gas)], (rank, finite)
+        ordinary = [bool(b.abs().max() < 1e3) for b in rank_batches(root, rank, micro, 3 * gas)]
+        skipped = not np.isfinite(bad_value)  # by the loader
+        assert ordinary == [rank == 0 or skipped or i != bad_batch for i in range(3 * gas)], (rank, ordinary)
     return ["data.source=wds", f"data.path={root}", "data.num_workers=0", "data.shuffle_buffer=8",
-            "data.resampled=false"]
+            "data.resampled=false"], f"{bad_id:08d}"
 
 
 # name: ZeRO stage, gradient accumulation, micro-batch of step 2 that rank 1 reads the bad latent in, its value
 CASES = {
-    "zero2-gas1": (2, 1, 0, float("nan")),  # a zero-gradient AdamW step would still move weights and moments
-    "zero2-gas2": (2, 2, 1, float("inf")),  # step 2's first micro-batch is fine: its gradient must not be applied
-    "zero1-gas2": (1, 2, 0, float("nan")),  # ZeRO-1: gradients reduced at the boundary only
-    "zero0-gas2": (0, 2, 1, float("inf")),  # ZeRO-0: the skip is the fused AdamW's found_inf (train.clip_in_adamw)
-    "zero0-fused-gas2": (0, 2, 1, float("inf")),  # train.fused_ema: AdamWEMA skips on the host's overflow flag
-    "zero0-fused-bf16-gas1": (0, 1, 0, float("nan")),  # train.bf16_weights: no bf16 copy written, masters untouched
-    "abort": (2, 1, 0, float("nan")),       # train.max_bad_steps=1
-    "zero2-warmup": (2, 1, 0, float("nan")),  # WARMUP: LR warm-up, logs and a checkpoint only after step 4
-    "zero0-warmup": (0, 1, 0, float("nan")),  # ZeRO-0 (the skip reported to DeepSpeed by the trainer)
+    "zero2-gas1": (2, 1, 0, LOUD),  # a zero-gradient AdamW step would still move weights and moments
+    "zero2-gas2": (2, 2, 1, LOUD),  # step 2's first micro-batch is fine: its gradient must not be applied
+    "zero1-gas2": (1, 2, 0, LOUD),  # ZeRO-1: gradients reduced at the boundary only
+    "zero0-gas2": (0, 2, 1, LOUD),  # ZeRO-0: the skip is the fused AdamW's found_inf (train.clip_in_adamw)
+    "zero0-fused-gas2": (0, 2, 1, LOUD),  # train.fused_ema: AdamWEMA skips on the host's overflow flag
+    "zero0-fused-bf16-gas1": (0, 1, 0, LOUD),  # train.bf16_weights: no bf16 copy written, masters untouched
+    "abort": (2, 1, 0, LOUD),       # train.max_bad_steps=1
+    "zero2-warmup": (2, 1, 0, LOUD),  # WARMUP: LR warm-up, logs and a checkpoint only after step 4
+    "zero0-warmup": (0, 1, 0, LOUD),  # ZeRO-0 (the skip reported to DeepSpeed by the trainer)
+    "nan-sample": (2, 1, 0, float("nan")),  # a NaN stored in the shard: a bad sample, no step skipped
 }
 WARMUP = ["train.steps=4", "train.log_every=4", "train.ckpt_every=4", "train.warmup_steps=10"]
 
@@ -92,7 +100,8 @@ def runs(tmp_path_factory):
     for name, (zero, gas, bad_micro, bad_value) in CASES.items():
         d = tmp_path_factory.mktemp(name)
         micro = 4 // gas
-        overrides = make_data(d / "shards", micro, gas, bad_micro, bad_value) + [
+        data, bad_key = make_data(d / "shards", micro, gas, bad_micro, bad_value)
+        overrides = data + [
             "train.global_batch=8", f"train.micro_batch={micro}", f"train.zero_stage={zero}", "train.ep_size=2",
             f"train.seed={SEED}", "train.steps=3", "train.log_every=1", "train.ckpt_every=1", "train.keep_last=10",
             "objective.class_dropout=0.25", f"train.out_dir={d / 'run'}"]
@@ -105,16 +114,16 @@ def runs(tmp_path_factory):
         if name.endswith("-warmup"):
             overrides += WARMUP
         (d / "log").mkdir()
-        started[name] = (d, launch(2, overrides, log_dir=d / "log"))
+        started[name] = (d, launch(2, overrides, log_dir=d / "log"), bad_key)
     yield started
-    for _, procs in started.values():
+    for _, procs, _ in started.values():
         for p in procs:
             p.kill()
 
 
 def finish(runs, name):
     """(run dir, log dir, exit codes) of a case's run, once both ranks have exited."""
-    d, procs = runs[name]
+    d, procs, _ = runs[name]
     return d / "run", d / "log", [p.wait(timeout=300) for p in procs]
 
 
@@ -167,8 +176,9 @@ def test_nonfinite_step_leaves_weights_optimizer_and_ema_untouched(runs, name):
         for what in (":model", ":ema"):
             assert not torch.equal(s3[param + what], s2[param + what]), param + what
     rows = metrics(out)
-    assert [(r["step"], r["skipped_steps"]) for r in rows] == [(1, 0), (2, 1), (3, 1)]
+    assert [(r["step"], r["skipped"], r["skipped_steps"]) for r in rows] == [(1, 0, 0), (2, 1, 1), (3, 0, 1)]
     assert np.isfinite(rows[0]["loss"]) and np.isfinite(rows[2]["loss"]) and rows[2]["grad_norm"] > 0
+    assert "loss" not in rows[1] and "expert_load" not in rows[1]  # logged as skipped, not as a loss of 0
     assert "step 2: non-finite loss or gradient, update skipped (1 in a row, 1 total)" in \
         (log / "rank0.log").read_text()
 
@@ -202,3 +212,16 @@ def test_zero0_skips_like_zero2_under_lr_warmup(runs):
         torch.testing.assert_close(s0[k], s2[k], rtol=1e-4, atol=1e-6, msg=k)
     assert "step 2: non-finite loss or gradient, update skipped (1 in a row, 1 total)" in \
         (log0 / "rank0.log").read_text()
+
+
+def test_a_nonfinite_latent_is_a_bad_sample_named_once(runs):
+    """A NaN stored in a shard: the loader skips the sample (counted in data/bad_samples over all ranks, its shard
+    and key warned of once), so no step is skipped for it."""
+    out, log, codes = finish(runs, "nan-sample")
+    assert codes == [0, 0], (log / "rank1.log").read_text()[-3000:]
+    rows = metrics(out)
+    assert [(r["step"], r["skipped"], r["skipped_steps"]) for r in rows] == [(1, 0, 0), (2, 0, 0), (3, 0, 0)]
+    assert rows[-1]["data/bad_samples"] == 1 and all(np.isfinite(r["loss"]) for r in rows)  # read ahead: by step 1 or 2
+    warnings = [line for line in (log / "rank1.log").read_text().splitlines() if "non-finite latent" in line]
+    key = runs["nan-sample"][2]
+    assert len(warnings) == 1 and f"skipping sample {key} in " in warnings[0] and ".tar" in warnings[0], warnings

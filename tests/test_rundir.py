@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_utils import TINY, launch, metrics, run, spawn_local
 from promoe_ds.export import export
+
+from dist_utils import TINY, launch, metrics, run, spawn_local
 
 pytestmark = pytest.mark.slow
 
@@ -148,7 +149,8 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp
         err = refused(1, base + ["train.steps=3"], tmp_path / "log_b", code=1)[0]
         assert err.startswith(f"error: rank 0: cannot write checkpoint '{out / 'checkpoints' / file}' ("), err
         assert f"MiB free on {out / 'checkpoints'}" in err, err
-        assert "step_00000002 not written, the previous checkpoint step_00000001 is complete and 'latest' names it" in err
+        assert ("step_00000002 not written, the previous checkpoint step_00000001 is complete and 'latest' names it"
+                in err), err
         assert tags(out) == ["step_00000001"] and latest(out) == "step_00000001"
         assert digest(out / "checkpoints/step_00000001") == kept
         subprocess.run(["mount", "-o", f"remount,size={3 * size_mib}m", str(disk)], check=True)
@@ -170,7 +172,8 @@ def test_a_write_that_fails_on_another_rank_stops_every_rank_with_one_line(tmp_p
     os.symlink("/dev/full", out / "checkpoints/step_00000002/zero_pp_rank_1_mp_rank_00_optim_states.pt")
     errors = refused(2, base + ["train.steps=2"], tmp_path / "log_b", code=1)
     assert errors[0] == errors[1], errors
-    assert errors[0].startswith(f"error: rank 1: cannot write checkpoint '{out / 'checkpoints/step_00000002'}' ("), errors
+    tag = out / "checkpoints/step_00000002"
+    assert errors[0].startswith(f"error: rank 1: cannot write checkpoint '{tag}' ("), errors
     assert "the previous checkpoint step_00000001 is complete and 'latest' names it" in errors[0]
     assert tags(out) == ["step_00000001"] and latest(out) == "step_00000001"
     assert digest(out / "checkpoints/step_00000001") == kept
