@@ -1,13 +1,14 @@
 """Official-format checkpoints and the official models' outputs for tests/test_import.py.
 
 Run once, outside the tests (which read only the files written here), with the authors' public code checked
-out somewhere and its dependency timm importable:
+out somewhere and its dependency timm (which imports torchvision) importable:
 
-    PYTHONPATH=<dir with timm> python tests/assets/official/make_goldens.py \\
+    PYTHONPATH=<dir with timm and torchvision> python tests/assets/official/make_goldens.py \\
         --promoe-repo <ali-vilab/ProMoE checkout> --dit-repo <facebookresearch/DiT checkout> --out tests/assets/official
 
 The files here were written with ali-vilab/ProMoE at 5915b31e00f80262534baf552845fa21e03aced0 and
-facebookresearch/DiT at ed81ce2229091fd4ecc9a223645f95cf379d582b (timm 1.0.31, torch 2.13 CPU, float32).
+facebookresearch/DiT at ed81ce2229091fd4ecc9a223645f95cf379d582b (timm 1.0.31, torch 2.13 CPU, float32;
+torchvision 0.28.0's CUDA operators unloaded, as timm needs only its Python modules here).
 
 Small models with every kind of tensor of the released ones (MoE in every other block, 4 routed + 1 shared +
 1 unconditional expert, 1000 classes: the public code sends label 1000 to the unconditional expert), their
