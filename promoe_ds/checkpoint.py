@@ -201,8 +201,10 @@ def check_layout(meta: dict, world_size: int, ep_size: int, zero_stage: int, tag
             f"checkpoint {str(tag_dir)!r} was written with world_size={theirs[0]}, ep_size={theirs[1]}, "
             f"zero_stage={theirs[2]}; this run has world_size={world_size}, ep_size={ep_size}, "
             f"zero_stage={zero_stage}. "
-            "ZeRO optimizer partitions cannot be re-split: run `promoe-ds export` on it and start from the file "
-            "with train.init_from=FILE train.resume=none (weights and EMA carry over, optimizer state restarts)")
+            "ZeRO optimizer partitions cannot be re-split: run `promoe-ds export` on it and start a new run from "
+            "the file with train.init_from=FILE train.resume=none and a new train.out_dir (the file's weights, the "
+            "EMA by default, become the new run's weights and its EMA starts from them; AdamW's state, the step "
+            "count, the LR warm-up and the data position start anew)")
 
 
 def _first_sentence(e: Exception) -> str:

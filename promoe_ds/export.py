@@ -68,7 +68,21 @@ def model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def consolidate(tag_dir: Path, weights: str = "ema") -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors of the 1-process model, meta.json) of a complete checkpoint tag; ConfigError naming
-    what is missing when the tag cannot be fully consolidated."""
+    what is missing when the tag cannot be fully consolidated, or that the tag was deleted while it was read
+    (the retention of a run still training into the directory)."""
+    complete = (tag_dir / META).is_file()
+    try:
+        return _consolidate(tag_dir, weights)
+    except ConfigError:
+        if (tag_dir / META).is_file() or (tag_dir.is_dir() and not complete):
+            raise
+        tags = complete_tags(tag_dir.parent)
+        raise ConfigError(f"checkpoint {str(tag_dir)!r} was deleted while it was read (a run training into "
+                          f"{str(tag_dir.parent)!r} keeps its train.keep_last newest checkpoints): export again "
+                          f"(complete tags now: {', '.join(tags) or 'none'})") from None
+
+
+def _consolidate(tag_dir: Path, weights: str) -> tuple[dict[str, torch.Tensor], dict]:
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
     tags = complete_tags(tag_dir.parent)

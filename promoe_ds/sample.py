@@ -209,6 +209,9 @@ def main_sample(args) -> dict:
     """``promoe-ds sample``; returns a summary (rank 0: paths of the npz and grid)."""
     rank, world, local = _init_world()
     meta = read_metadata(args.weights)
+    if "objective" not in meta:
+        raise ConfigError(f"weights file {args.weights!r} has no 'objective' metadata (flow or ddpm and its settings, "
+                          "which the sampler follows): export the checkpoint again with `promoe-ds export`")
     objective_cfg = sampling_objective(meta, args.sample_shift)
     model_cfg = json.loads(meta["config"])
     num_classes = model_cfg["num_classes"]

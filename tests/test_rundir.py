@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from promoe_ds.export import export
+from promoe_ds.checkpoint import check_layout
+from promoe_ds.config import ConfigError
+from promoe_ds.export import consolidate, export, find_tag_dir
 
 from dist_utils import TINY, launch, metrics, run, spawn_local
 
@@ -177,3 +179,27 @@ def test_a_write_that_fails_on_another_rank_stops_every_rank_with_one_line(tmp_p
     assert "the previous checkpoint step_00000001 is complete and 'latest' names it" in errors[0]
     assert tags(out) == ["step_00000001"] and latest(out) == "step_00000001"
     assert digest(out / "checkpoints/step_00000001") == kept
+
+
+def test_an_export_that_races_retention_names_the_deleted_tag(tmp_path):
+    """The export has picked the tag `latest` names when the retention of the run still training deletes it
+    (keep_last=1): it says so, not "truncated or corrupt" or "incomplete"."""
+    out = tmp_path / "run"
+    base = ONE + ["train.ckpt_every=1", "train.keep_last=1", f"train.out_dir={out}"]
+    run(1, base + ["train.steps=1"], tmp_path / "log_a")
+    tag_dir = find_tag_dir(out)
+    run(1, base + ["train.steps=2"], tmp_path / "log_b")
+    with pytest.raises(ConfigError) as e:
+        consolidate(tag_dir)
+    assert str(e.value) == (f"checkpoint '{tag_dir}' was deleted while it was read (a run training into "
+                            f"'{out / 'checkpoints'}' keeps its train.keep_last newest checkpoints): export again "
+                            "(complete tags now: step_00000002)")
+
+
+def test_the_layout_refusal_says_what_a_new_run_from_an_export_keeps():
+    meta = {"world_size": 2, "ep_size": 2, "zero_stage": 2}
+    with pytest.raises(ConfigError) as e:
+        check_layout(meta, 1, 1, 2, Path("runs/x/checkpoints/step_00000010"))
+    assert ("start a new run from the file with train.init_from=FILE train.resume=none and a new train.out_dir (the "
+            "file's weights, the EMA by default, become the new run's weights and its EMA starts from them; AdamW's "
+            "state, the step count, the LR warm-up and the data position start anew)") in str(e.value)

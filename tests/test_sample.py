@@ -225,6 +225,11 @@ def test_weights_with_corrupt_json_metadata(files, tmp_path, capsys):
             load_pretrained(bad)
         err = sample_refused(capsys, sample_args({**files, "flow": bad}, tmp_path / "s", "flow", "--num-samples", "1"))
         assert str(bad) in err and "export the checkpoint again" in err
+    no_objective = tmp_path / "no_objective.safetensors"  # config, but no objective: one line, not a KeyError
+    write_safetensors({"x": torch.zeros(1)}, {"config": good["config"]}, no_objective)
+    args = sample_args({**files, "flow": no_objective}, tmp_path / "s", "flow", "--num-samples", "1")
+    err = sample_refused(capsys, args)
+    assert f"weights file '{no_objective}' has no 'objective' metadata" in err and "export the checkpoint again" in err
 
 
 def test_eval_cli_hands_the_npz_to_main_eval(monkeypatch, tmp_path):
