@@ -394,16 +394,18 @@ def with_recorded_layout(d: dict) -> dict:
     return {"pos_embed": LEGACY_POS_EMBED, **d}
 
 
-def model_config_diff(theirs: dict, ours: ModelConfig, where: str) -> str:
+def model_config_diff(theirs: dict, ours: ModelConfig, where: str, ignore: tuple[str, ...] = ("preset",)) -> str:
     """`` (model.k: X in <where>, Y here; ...)`` for the model settings (a ModelConfig as a dict, from a checkpoint
-    or an exported file) that differ from ``ours``, preset names aside; "" when none does."""
+    or an exported file; a setting it does not record has the value it was written with) that differ from
+    ``ours``, the ``ignore``d ones aside; "" when none does."""
     def flat(d, prefix=""):
         for k, v in d.items():
             yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
 
-    a, b = dict(flat(with_recorded_layout(theirs))), dict(flat(to_dict(ours)))
+    a = dict(flat(_merge(to_dict(ModelConfig()), with_recorded_layout(theirs))))
+    b = dict(flat(to_dict(ours)))
     diff = [f"model.{k}: {a.get(k)!r} in {where}, {b.get(k)!r} here" for k in sorted(a.keys() | b.keys())
-            if a.get(k) != b.get(k) and k != "preset"]
+            if a.get(k) != b.get(k) and k not in ignore]
     return f" ({'; '.join(diff)})" if diff else ""
 
 

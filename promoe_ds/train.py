@@ -24,7 +24,7 @@ import torch.distributed as dist
 import promoe_ds
 from promoe_ds import checkpoint as ckpt
 from promoe_ds import rundir
-from promoe_ds.config import Config, ConfigError, RunError, adopt_pos_embed, to_dict
+from promoe_ds.config import Config, ConfigError, RunError, adopt_pos_embed, model_config_diff, to_dict
 from promoe_ds.data import build_latent_source, stable_seed
 from promoe_ds.diffusion import build_objective
 from promoe_ds.ds_config import adamw_params, batch_layout, build_ds_config
@@ -267,8 +267,11 @@ class Trainer:
         elif t.init_from:
             from promoe_ds.export import read_metadata
 
-            adopted = adopt_pos_embed(self.cfg.model, json.loads(read_metadata(t.init_from)["config"]),
-                                      f"weights file {t.init_from!r}")
+            theirs = json.loads(read_metadata(t.init_from)["config"])
+            adopted = adopt_pos_embed(self.cfg.model, theirs, f"weights file {t.init_from!r}")
+            # settings of the same shapes (routing, ...) may differ on purpose: said, not refused
+            if other := model_config_diff(theirs, self.cfg.model, "the file", ignore=("preset", "moe.backend")):
+                adopted = "\n".join(filter(None, [adopted, f"note: train.init_from: other model settings{other}"]))
         if adopted and self.rank == 0:
             print(adopted, flush=True)
         return resume_dir, meta

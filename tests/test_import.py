@@ -214,14 +214,15 @@ def test_a_size_that_is_no_preset_needs_num_heads(tmp_path, capsys):
 
 
 def test_fine_tuning_from_an_imported_file_with_expert_parallelism(tmp_path):
-    """train.init_from of an imported ProMoE file, 2 processes, ep_size 2: with lr 0 the weights after a step are the
-    imported ones (each rank took its experts' rows)."""
-    f = imported(tmp_path, "promoe.pth")
+    """train.init_from of an imported expert-choice ProMoE file, 2 processes, ep_size 2: with lr 0 the weights after a
+    step are the imported ones (each rank took its experts' rows); a routing setting the config does not share with
+    the file is said once."""
+    f = imported(tmp_path, "promoe.pth", "--router", "promoe_ec")
     out = tmp_path / "ft"
     run(2, ["model.depth=4", "model.hidden_size=16", "model.num_heads=2", "model.num_classes=1000",
-            "model.moe.experts=E6A1S1U1", "model.moe.expert_mlp_ratio=2.0", "train.ep_size=2", "train.lr=0.0",
-            "train.global_batch=8", "train.steps=1", "train.ckpt_every=1", "train.log_every=1",
-            f"train.init_from={f}", f"train.out_dir={out}"], tmp_path / "log")
+            "model.moe.router=promoe_ec", "model.moe.experts=E6A1S1U1", "model.moe.expert_mlp_ratio=2.0",
+            "train.ep_size=2", "train.lr=0.0", "train.global_batch=8", "train.steps=1", "train.ckpt_every=1",
+            "train.log_every=1", f"train.init_from={f}", f"train.out_dir={out}"], tmp_path / "log")
     weights, meta = consolidate(out / "checkpoints" / "step_00000001", "model")
     want = load_file(f)
     assert weights.keys() == want.keys()
@@ -229,6 +230,10 @@ def test_fine_tuning_from_an_imported_file_with_expert_parallelism(tmp_path):
         assert torch.equal(weights[name], w), name
     assert meta["config"]["model"]["pos_embed"] == "dit"
     assert torch.isfinite(torch.tensor(metrics(out)[0]["loss"]))
+    log = (tmp_path / "log" / "rank0.log").read_text() + (tmp_path / "log" / "rank1.log").read_text()
+    notes = [line for line in log.splitlines() if "init_from: other model settings" in line]
+    assert len(notes) == 1 and "model.moe.ec_group: 'sample' in the file, 'batch' here" in notes[0], notes
+    assert "backend" not in notes[0]  # how the experts are computed (loop here, auto in the file): not said
 
 
 @pytest.mark.parametrize("name", ["promoe.pth", "DiT-tiny.pt"])
