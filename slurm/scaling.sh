@@ -8,7 +8,8 @@
 #   DRY_RUN=1 slurm/scaling.sh                                     # print the sbatch commands only
 #
 # Result: $RUN_ROOT/report.{md,csv,png} (img/s, per-GPU img/s, efficiency vs the smallest run).
-# Every run is a short benchmark (STEPS steps, fresh run directory, no resume), so keep STEPS
+# Every run is a short benchmark (STEPS steps, no resume; an earlier study's checkpoints and metrics in
+# the same run directory are moved aside by train.overwrite), so keep STEPS
 # a few times log_every: the report skips the first logged interval(s) as warm-up.
 set -euo pipefail
 

@@ -84,6 +84,7 @@ def test_scaling_sh_dry_run(tmp_path):
     for nodes, cmd in zip((1, 2, 4, 8), cmds):
         assert f"--nodes={nodes} " in cmd and "--ntasks-per-node=8" in cmd and "--gpus-per-node=8" in cmd, cmd
         assert f"train.global_batch={32 * 8 * nodes}" in cmd, cmd
+        assert "train.overwrite=true" in cmd, cmd  # a rerun into the same RUN_ROOT moves the earlier study aside
         run_dirs.add(re.search(r"RUN_DIR=(\S+)", cmd).group(1))
     assert len(run_dirs) == 4
     assert "scaling-report" in r.stdout and not (tmp_path / "scal").exists()
