@@ -17,7 +17,7 @@ numbers do). With s = 1 each step is one pass over the conditional batch (uncond
 Rectified flow integrates with the trained shift times ``--sample-shift`` (SD3 shifts compose by
 multiplying): ali-vilab/ProMoE's sampler (diffusers' FlowMatchEulerDiscreteScheduler built with the
 trained ``shift``, given sigmas already shifted by ``sample_shift``) is this sampler with
-``--sample-shift sample_shift`` (docs/reproduce.md). On CUDA the model runs under ``torch.compile``
+``--sample-shift sample_shift`` (docs/reproduce.md). On CUDA with bf16 the model runs under ``torch.compile``
 by default (``--compile off``: eager).
 
 Output in ``--out``: ``samples/{i:06d}.png``, ``grid.png`` (the first 100), ``samples.npz`` in the
@@ -220,7 +220,7 @@ def main_sample(args) -> dict:
         raise ConfigError("--num-samples, --steps and --batch-size must be >= 1")
     if not math.isfinite(args.cfg_scale):
         raise ConfigError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
-    channels = model_cfg.get("in_channels", 4)
+    channels = model_cfg["in_channels"]
     if args.cfg_channels is not None and not 1 <= args.cfg_channels <= channels:
         raise ConfigError(f"--cfg-channels must be in 1..{channels} (the model's latent channels), "
                           f"got {args.cfg_channels}")
