@@ -144,16 +144,15 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA GPU (use --device cpu with a small preset)")
-    results = [bench_model(m, args, device) for m in args.models.split(",")]
-    for r in results:
+    for preset in args.models.split(","):  # each model's lines as soon as it is done
+        r = bench_model(preset, args, device)
         print(json.dumps(r), flush=True)
-    for r in results:
         fast = (f", compiled {r['compiled_img_per_s']:.2f} img/s = {r['compiled_over_eager']:.2f}x "
                 f"(compile {r['compile_s']:.0f} s)") if args.compile else ""
         authors = f", authors' sampler fp32 {r['authors_fp32_img_per_s']:.2f} img/s" if args.authors_steps else ""
         print(f"{r['model']} {r['device']}: eager {r['eager_img_per_s']:.2f} img/s{fast}{authors} ({args.steps} Euler "
               f"steps, CFG {args.cfg_scale:g}, batch {args.batch_size}, {r['precision']}, {r['backend']} experts; "
-              "latents only)")
+              "latents only)", flush=True)
 
 
 if __name__ == "__main__":
