@@ -32,7 +32,7 @@ def main():
         src = SyntheticSource(shape, 1000, args.micro, rank, world, 0)
         start = time.perf_counter()
         for s in range(args.steps):
-            step_draws(objective, cfg, s, 0, shape, range(rank * args.micro, (rank + 1) * args.micro))
+            step_draws(objective, cfg, s, shape, range(rank * args.micro, (rank + 1) * args.micro))
             src.next_batch()
         print(f"| {world} | {world * args.micro} | {(time.perf_counter() - start) / args.steps * 1e3:.2f} |")
 

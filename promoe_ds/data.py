@@ -76,10 +76,10 @@ def stable_seed(*parts) -> int:
 
 
 def build_latent_source(data_cfg, *, latent_shape: tuple[int, int, int], num_classes: int,
-                        micro_batch: int, rank: int, world_size: int, seed: int) -> LatentSource:
-    """The trainer's data: ``data_cfg`` is a ``promoe_ds.config.DataConfig``."""
+                        micro_batch: int, rank: int, world_size: int, seed: int, grad_accum: int = 1) -> LatentSource:
+    """The trainer's data: ``data_cfg`` is a ``promoe_ds.config.DataConfig``; ``grad_accum`` micro-batches a step."""
     if data_cfg.source == "synthetic":
-        return SyntheticSource(tuple(latent_shape), num_classes, micro_batch, rank, world_size, seed)
+        return SyntheticSource(tuple(latent_shape), num_classes, micro_batch, rank, world_size, seed, grad_accum)
     if data_cfg.source == "wds":
         return ShardSource(data_cfg, tuple(latent_shape), num_classes, micro_batch, rank, world_size, seed)
     raise ValueError(f"data.source: unknown source {data_cfg.source!r} (synthetic | wds)")
@@ -88,24 +88,27 @@ def build_latent_source(data_cfg, *, latent_shape: tuple[int, int, int], num_cla
 class SyntheticSource:
     """Random latents, no files: a smooth per-class pattern plus noise, so a model can learn it.
 
-    Batch ``s`` of rank ``r`` is rows ``[r*micro_batch, (r+1)*micro_batch)`` of a global batch whose row
-    i is drawn from a generator seeded with ``(seed, s, i)``: the data do not depend on the world size,
-    and a rank draws only its own rows.
+    Micro-batch ``m`` of step ``s`` on rank ``r`` is rows ``[(m*world + r)*micro_batch, ...+micro_batch)`` of
+    step s's global batch, whose row i is drawn from a generator seeded with ``(seed, s, i)``: the data depend
+    neither on the world size nor on the gradient accumulation, and a rank draws only its own rows. The
+    position (``state_dict``) is the number of samples the world has read, so any layout resumes it exactly.
     """
 
-    def __init__(self, latent_shape, num_classes, micro_batch, rank, world_size, seed):
+    def __init__(self, latent_shape, num_classes, micro_batch, rank, world_size, seed, grad_accum=1):
         self.latent_shape, self.num_classes, self.seed = latent_shape, num_classes, seed
-        self.rows = range(rank * micro_batch, (rank + 1) * micro_batch)
+        self.micro, self.rank, self.world, self.grad_accum = micro_batch, rank, world_size, grad_accum
         g = torch.Generator().manual_seed(stable_seed(seed, "synthetic-classes"))
         coarse = torch.randn(num_classes, latent_shape[0], 4, 4, generator=g)
         self.patterns = F.interpolate(coarse, size=latent_shape[1:], mode="bilinear", align_corners=False)
-        self.step = 0
+        self.step = 0  # micro-batches read by this rank
         self.stats = {"samples": 0, "bad_shards": 0}
 
     def next_batch(self):
+        step, m = divmod(self.step, self.grad_accum)
+        first = (m * self.world + self.rank) * self.micro
         labels, noise = [], []
-        for i in self.rows:
-            g = torch.Generator().manual_seed(stable_seed(self.seed, self.step, i))
+        for i in range(first, first + self.micro):
+            g = torch.Generator().manual_seed(stable_seed(self.seed, step, i))
             labels.append(torch.randint(self.num_classes, (1,), generator=g))
             noise.append(torch.randn(1, *self.latent_shape, generator=g))
         labels, noise = torch.cat(labels), torch.cat(noise)
@@ -114,12 +117,15 @@ class SyntheticSource:
         return self.patterns[labels] + 0.5 * noise, labels
 
     def state_dict(self):
-        return {"step": self.step}
+        return {"step": self.step, "samples": self.step * self.micro * self.world}
 
-    def load_state_dict(self, d):
+    def load_state_dict(self, d) -> str:
+        """From one rank's state or every rank's ({"ranks": [...]}, another layout: the same global position)."""
+        d = d["ranks"][0] if "ranks" in d else d
         if "step" not in d:  # the checkpoint's run read shards (data.source changed)
             log.warning("data.source changed since the checkpoint: synthetic latents from their start")
-        self.step = int(d.get("step", 0))
+        self.step = int(d["samples"]) // (self.micro * self.world) if "samples" in d else int(d.get("step", 0))
+        return ""
 
 
 def read_manifest(root: Path) -> dict:
@@ -388,7 +394,9 @@ class ShardSource:
             epoch, batch, offset = epoch + 1, 0, 0
         return {"epoch": epoch, "batch": batch, "offset": offset, "layout": dict(self.layout)}
 
-    def load_state_dict(self, d):
+    def load_state_dict(self, d) -> str:
+        if "ranks" in d:
+            d = d["ranks"][min(self.plan.rank, len(d["ranks"]) - 1)]
         self._it, self._carry, self._epoch_samples = None, None, 0
         if "epoch" not in d:  # the checkpoint's run read synthetic latents (data.source changed)
             log.warning("data.source changed since the checkpoint: reading %s from its first epoch", self.root)
@@ -400,3 +408,4 @@ class ShardSource:
                         d.get("layout"), self.layout, d["epoch"])
             self._epoch, self._pulled, self._drop = int(d["epoch"]), 0, 0
         self.stats["epoch"] = self._epoch
+        return ""

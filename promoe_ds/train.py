@@ -1,9 +1,12 @@
-"""Training on the DeepSpeed engine: ZeRO-1/2, expert parallelism, EMA, exact resume.
+"""Training on the DeepSpeed engine: ZeRO-1/2, expert parallelism, EMA, exact resume on any layout.
 
 One process per device (started by ``deepspeed``, ``torchrun`` or ``srun``). Per step, every
 random draw (noise, timesteps, label dropout) of sample i of the global batch comes from a generator
-seeded by (seed, step, micro-step, i) and each rank draws its own rows: a run's trajectory does not
-depend on its world size or ep_size, and a resumed run continues exactly where it stopped.
+seeded by (seed, step, i) and each rank draws its own rows: a run's trajectory does not depend on its
+world size, ep_size, ZeRO stage or gradient accumulation (up to float reduction order; the RCL's
+statistics are those of a global micro-batch), and a resumed run continues where it stopped: on the
+layout that wrote the checkpoint bit for bit, on another one with the same weights, EMA, AdamW state,
+LR schedule position and data position (checkpoint.py, reshard.py).
 
 Exit status: 0 when ``train.steps`` is reached, 99 when a SIGTERM / SIGUSR1 made it checkpoint
 and stop, 98 when another rank stopped answering for ``train.collective_timeout`` seconds
@@ -23,7 +26,7 @@ import torch.distributed as dist
 
 import promoe_ds
 from promoe_ds import checkpoint as ckpt
-from promoe_ds import rundir
+from promoe_ds import reshard, rundir
 from promoe_ds.config import Config, ConfigError, RunError, adopt_pos_embed, model_config_diff, to_dict
 from promoe_ds.data import build_latent_source, stable_seed
 from promoe_ds.diffusion import build_objective
@@ -64,13 +67,14 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> None:
     batch_layout(t, world_size)
 
 
-def step_draws(objective, cfg: Config, step: int, micro: int, latent_shape, rows: range) -> dict:
-    """Rows ``rows`` of the global micro-batch's random draws (noise, timesteps, label drop). Row i comes
-    from its own generator, seeded by (seed, step, micro-step, i): a sample's draws do not depend on the
-    world size, and a rank draws only its own rows (host work per rank independent of the world size)."""
+def step_draws(objective, cfg: Config, step: int, latent_shape, rows: range) -> dict:
+    """Rows ``rows`` of the step's global batch's random draws (noise, timesteps, label drop). Row i comes
+    from its own generator, seeded by (seed, step, 0, i): a sample's draws depend neither on the world size
+    nor on the gradient accumulation, and a rank draws only its own rows (host work per rank independent of
+    the world size). Micro-batch m of a step holds rows [m * world * micro, (m + 1) * world * micro)."""
     parts = []
     for i in rows:
-        g = torch.Generator().manual_seed(stable_seed(cfg.train.seed, "draws", step, micro, i))
+        g = torch.Generator().manual_seed(stable_seed(cfg.train.seed, "draws", step, 0, i))
         d = objective.draw(1, latent_shape, g)
         d["drop"] = torch.rand(1, generator=g) < cfg.objective.class_dropout
         parts.append(d)
@@ -217,12 +221,15 @@ class Trainer:
         self.micro = self.ds_cfg["train_micro_batch_size_per_gpu"]
         self.gas = self.ds_cfg["gradient_accumulation_steps"]
         self.zero_stage = int(self.ds_cfg["zero_optimization"].get("stage", 0))
+        self.layout = {"world_size": self.world, "ep_size": t.ep_size, "zero_stage": self.zero_stage,
+                       "micro_batch": self.micro, "grad_accum": self.gas}
         self.out_dir = Path(t.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         m = cfg.model
         self.latent_shape = (m.in_channels, m.input_size, m.input_size)
         self.data = build_latent_source(cfg.data, latent_shape=self.latent_shape, num_classes=m.num_classes,
-                                        micro_batch=self.micro, rank=self.rank, world_size=self.world, seed=t.seed)
+                                        micro_batch=self.micro, grad_accum=self.gas, rank=self.rank,
+                                        world_size=self.world, seed=t.seed)
         self.run_lock = rundir.agree(self.rank, rundir.lock, self.out_dir)  # creates out_dir; held until the end
         resume_dir, meta = self._resume_point()
         rundir.agree(self.rank, rundir.one_run, self.out_dir, resume_dir, int(meta["step"]) if meta else 0,
@@ -262,7 +269,8 @@ class Trainer:
         resume_dir, meta, adopted = ckpt.find_resume(self.ckpt_dir, t.resume), None, ""
         if resume_dir is not None:
             meta = ckpt.read_meta(resume_dir, ckpt.resume_hint(resume_dir))
-            ckpt.check_layout(meta, self.world, t.ep_size, self.zero_stage, resume_dir)
+            self.same_layout = ckpt.check_layout(meta, self.world, t.ep_size, self.zero_stage, t.global_batch,
+                                                 resume_dir)
             adopted = adopt_pos_embed(self.cfg.model, meta["config"]["model"], f"checkpoint {str(resume_dir)!r}")
         elif t.init_from:
             from promoe_ds.export import read_metadata
@@ -340,14 +348,15 @@ class Trainer:
         return {"data": self.data_state, "rng": {"torch": torch.get_rng_state()},
                 "param_digest": ckpt.param_digest(self.model)}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.data.load_state_dict(state["data"])
+    def load_state_dict(self, state: dict) -> str:
+        """Returns what the data source did on another layout ("" when nothing worth a line)."""
         torch.set_rng_state(state["rng"]["torch"])
+        return self.data.load_state_dict(state["data"])
 
     def save_checkpoint(self) -> None:
         watchdog.mark("checkpoint", self.step)
         t = self.cfg.train
-        meta = {"step": self.step, "world_size": self.world, "ep_size": t.ep_size, "zero_stage": self.zero_stage,
+        meta = {"step": self.step, **self.layout, "engine": reshard.engine_counters(self.engine),
                 "config": to_dict(self.cfg), "objective": self.cfg.objective.name, "version": promoe_ds.__version__}
         tag_dir = ckpt.save(self.engine, self.model, self.ema, self.ckpt_dir, self.step, meta, self.state_dict(),
                             rank=self.rank, ep_rank=self.ep_rank, expert_writer=self.expert_writer,
@@ -356,12 +365,16 @@ class Trainer:
             print(f"checkpoint {tag_dir}", flush=True)
 
     def load_checkpoint(self, tag_dir: Path, meta: dict) -> None:
-        """Engine, weights, EMA and this rank's state from ``tag_dir`` (its ``meta.json`` read: ``meta``)."""
-        self.load_state_dict(ckpt.load(self.engine, self.model, self.ema, tag_dir, meta, rank=self.rank,
-                                       ep_rank=self.ep_rank))
+        """Engine, weights, EMA and this rank's state from ``tag_dir`` (its ``meta.json`` read: ``meta``), on the
+        layout that wrote it or on another one (checkpoint.py)."""
+        all_data = not self.same_layout or meta.get("micro_batch", self.micro) != self.micro
+        data_report = self.load_state_dict(ckpt.load(self.engine, self.model, self.ema, tag_dir, meta, rank=self.rank,
+                                                     same_layout=self.same_layout, all_data=all_data))
         self.step = int(meta["step"])
         if self.rank == 0:
-            print(f"resumed from {tag_dir.name} at step {self.step}", flush=True)
+            print(f"resumed from {tag_dir.name} at step {self.step}{ckpt.layout_change(meta, self.layout)}", flush=True)
+            if data_report:
+                print(data_report, flush=True)
 
     # ---- the step ----------------------------------------------------------------------------------------
 
@@ -370,8 +383,8 @@ class Trainer:
         the copies are queued, nothing waits for the GPU."""
         with phase("data"):
             x0, y = self.data.next_batch()
-            rows = range(self.rank * self.micro, (self.rank + 1) * self.micro)
-            draws = step_draws(self.objective, self.cfg, step, mi, self.latent_shape, rows)
+            first = (mi * self.world + self.rank) * self.micro  # this rank's rows of micro-batch mi in the step's batch
+            draws = step_draws(self.objective, self.cfg, step, self.latent_shape, range(first, first + self.micro))
             y = torch.where(draws.pop("drop"), torch.full_like(y, self.cfg.model.num_classes), y)  # CFG's null label
             return to_device((x0, y, draws), self.device)
 

@@ -55,7 +55,7 @@ def main(out: Path) -> None:
                                world_size=world, seed=t.seed)
     for step in range(STEPS):
         x0, y = data.next_batch()
-        draws = step_draws(objective, cfg, step, 0, shape, range(rank * micro, (rank + 1) * micro))
+        draws = step_draws(objective, cfg, step, shape, range(rank * micro, (rank + 1) * micro))
         y = torch.where(draws.pop("drop"), torch.full_like(y, m.num_classes), y)
         losses, aux = diffusion_losses(objective, engine, x0, y, draws)
         loss = losses["loss"] + aux["aux_loss"]

@@ -186,7 +186,7 @@ def test_finetune_from_export_with_other_ep_size_starts_from_its_weights(live, t
     x0, y = build_latent_source(cfg.data, latent_shape=shape, num_classes=m.num_classes, micro_batch=8, rank=0,
                                 world_size=1, seed=cfg.train.seed).next_batch()
     objective = build_objective(cfg.objective)
-    draws = step_draws(objective, cfg, 0, 0, shape, range(8))
+    draws = step_draws(objective, cfg, 0, shape, range(8))
     y = torch.where(draws.pop("drop"), torch.full_like(y, m.num_classes), y)
     model = load_pretrained(f).train()
     loss = objective.training_losses(lambda xt, tt: model(xt, tt, y)[0], x0, draws)["loss"].item()

@@ -96,7 +96,7 @@ def test_resuming_an_old_run_trains_on_with_its_layout(tmp_path):
     data.load_state_dict(torch.load(TAG / "promoe" / "rank00000.pt", weights_only=False)["data"])
     x0, y = data.next_batch()
     objective = build_objective(cfg.objective)
-    draws = step_draws(objective, cfg, 4, 0, shape, range(4))
+    draws = step_draws(objective, cfg, 4, shape, range(4))
     y = torch.where(draws.pop("drop"), torch.full_like(y, m.num_classes), y)
     state, old_meta = consolidate(TAG, "model")
     losses = {}
