@@ -33,7 +33,7 @@ def make_step(variant: str, batch: int):
     preset, extra = VARIANTS[variant]
     cfg = load_config(overrides=[f"model.preset={preset}", *extra]).model
     dev = torch.device("cuda")
-    block = DiTBlock(cfg, moe=cfg.moe.router != "none", layer_seed=1, ep_size=1, ep_rank=0).to(dev).train()
+    block = DiTBlock(cfg, moe=cfg.moe.router != "none", layer_seed=1).to(dev).train()
     if block.is_moe:
         backend = resolve_backend("auto", dev, (cfg.hidden_size, block.mlp.routed_experts.hidden))
         block.mlp.routed_experts.backend = block.mlp.uncond_experts.backend = backend

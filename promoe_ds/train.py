@@ -289,13 +289,17 @@ class Trainer:
         import deepspeed
         from deepspeed.moe.utils import configure_moe_param_groups
 
-        from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, replica_group
+        from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, replica_group, shard_experts
 
         t, m = self.cfg.train, self.cfg.model
         self.is_moe = m.moe.router != "none"
         self.ep_rank = create_groups(t.ep_size) if self.is_moe else 0
         self.expert_writer = (self.rank // t.ep_size) == 0  # first expert-data-parallel replica of each EP rank
-        self.model = build_model(m, seed=t.seed, ep_size=t.ep_size, ep_rank=self.ep_rank)
+        with torch.device("meta"):  # the weights are made once this rank has taken its slice of the experts
+            self.model = build_model(m, seed=t.seed)
+        if self.is_moe:
+            shard_experts(self.model, t.ep_size, self.ep_rank)
+        self.model.to_empty(device="cpu").init_weights()
         self.backend = self.model.set_expert_backend(m.moe.backend, self.device)
         self.model.grad_checkpoint = t.grad_checkpoint
         if t.init_from and from_scratch:

@@ -39,11 +39,12 @@ def main(out: Path) -> None:
     import deepspeed
     from deepspeed.utils import groups
 
-    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, group_name
+    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, group_name, shard_experts
 
     t, m, rank, world = cfg.train, cfg.model, info.rank, info.world_size
     ep_rank = create_groups(t.ep_size)
-    model = build_model(m, seed=t.seed, ep_size=t.ep_size, ep_rank=ep_rank)
+    model = build_model(m, seed=t.seed)
+    shard_experts(model, t.ep_size, ep_rank)
     apply_expert_parallel(model, t.ep_size)
     ds_cfg = build_ds_config(t, world, on_gpu=False)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_cfg)

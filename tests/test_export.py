@@ -148,7 +148,10 @@ def test_load_into_an_expert_parallel_slice_and_shape_mismatch(live, tmp_path):
     f = tmp_path / "w.safetensors"
     cli(["export", "--checkpoint", str(run_dir), "--weights", "model", "--out", str(f)])
     cfg = load_config(TINY).model
-    part = build_model(cfg, seed=1, ep_size=2, ep_rank=1)  # holds global experts 2 and 3
+    from promoe_ds.parallel.ep import shard_experts
+
+    part = build_model(cfg, seed=1)
+    shard_experts(part, 2, 1)  # holds global experts 2 and 3
     load_into(part, f)
     full = ref["live"]["model"]
     for name, p in part.named_parameters():

@@ -286,15 +286,26 @@ def test_bad_inputs():
         model(x, t, torch.tensor([-1, 2]))
 
 
-def test_expert_parallel_layout_same_init():
-    # a model holding half the routed experts starts from the same weights as the full model's half
-    full = build_model(tiny_cfg(), seed=5)
-    half = build_model(tiny_cfg(), seed=5, ep_size=2, ep_rank=1)
-    a = full.blocks[1].mlp.routed_experts
-    b = half.blocks[1].mlp.routed_experts
-    assert b.num == a.num // 2 and b.first_id == a.num // 2
-    torch.testing.assert_close(b.w1, a.w1[a.num // 2:])
-    torch.testing.assert_close(half.blocks[0].attn.qkv.weight, full.blocks[0].attn.qkv.weight)
+@pytest.mark.parametrize("over", [{}, {"model.moe.router": "tc", "model.moe.experts": "E5A2S1U0"},
+                                  {"model.qk_norm": "true", "model.moe.router": "promoe_ec"}])
+def test_expert_parallel_slice_built_on_meta_has_the_full_models_weights(over):
+    """The trainer's build: on the meta device, this rank's slice of the routed experts kept, then the weights
+    made (``to_empty`` + ``init_weights``). Dense weights, buffers and the slice equal the full model's, bit for
+    bit."""
+    from promoe_ds.parallel.ep import shard_experts
+
+    full = dict(build_model(tiny_cfg(**over), seed=5).named_buffers())
+    full.update(build_model(tiny_cfg(**over), seed=5).named_parameters())
+    with torch.device("meta"):
+        half = build_model(tiny_cfg(**over), seed=5)
+    shard_experts(half, 2, 1)
+    half.to_empty(device="cpu").init_weights()
+    n = half.blocks[1].mlp.spec.routed // 2
+    assert (half.blocks[1].mlp.routed_experts.num, half.blocks[1].mlp.routed_experts.first_id) == (n, n)
+    got = dict(half.named_parameters(), **dict(half.named_buffers()))
+    assert got.keys() == full.keys()
+    for name, t in got.items():
+        assert torch.equal(t, full[name][n:] if ".routed_experts." in name else full[name]), name
 
 
 def test_parameter_names():

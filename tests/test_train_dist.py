@@ -130,21 +130,21 @@ def _dispatch_worker(rank, world, port, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from promoe_ds.models.moe import MoEMLP
-    from promoe_ds.parallel.ep import AllReduceStats, AllToAllDispatch
+    from promoe_ds.parallel.ep import AllReduceStats, AllToAllDispatcher
 
     cfg = MoEConfig(router="promoe", experts="E6A2S1U1", expert_mlp_ratio=2.0)
     full = MoEMLP(16, cfg, mlp_ratio=4.0, layer_seed=1).double().train()
-    part = MoEMLP(16, cfg, mlp_ratio=4.0, layer_seed=1, ep_size=2, ep_rank=rank).double().train()
-    part.load_state_dict({k: (v[rank * 2:(rank + 1) * 2] if "routed" in k else v)
-                          for k, v in full.state_dict().items()})
-    part.dispatch = AllToAllDispatch(dist.group.WORLD, 2, 2)
+    part = MoEMLP(16, cfg, mlp_ratio=4.0, layer_seed=1).double().train()
+    part.routed_experts = part.routed_experts.shard(rank, 2)  # global experts 2 * rank, 2 * rank + 1
+    assert torch.equal(part.routed_experts.w1, full.routed_experts.w1[2 * rank:2 * rank + 2])
+    part.dispatcher = AllToAllDispatcher(dist.group.WORLD, num_routed=4, num_uncond=1)
     part.reduce_stats = AllReduceStats()
     torch.manual_seed(100 + rank)  # each rank its own tokens
     x = torch.randn(3, 10, 16, dtype=torch.float64, requires_grad=True)
     cond = torch.tensor([True, rank == 0, True])
     y, aux = part(x, cond)
     y.square().sum().backward()
-    recv = part.dispatch.last_recv_counts.clone()
+    recv = part.dispatcher.last_recv_counts.clone()
     sent = aux["counts"].clone()
     dist.all_reduce(recv)
     dist.all_reduce(sent)
@@ -191,10 +191,11 @@ def _init_deepspeed_worker(rank, world, port):
 
 def _grad_norm_worker(rank, world, port, q):
     _init_deepspeed_worker(rank, world, port)  # before promoe_ds imports DeepSpeed's modules
-    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, global_grad_norm
+    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, global_grad_norm, shard_experts
 
     ep_rank = create_groups(2)
-    model = build_model(load_config(TINY, ["model.depth=2"]).model, ep_size=2, ep_rank=ep_rank)
+    model = build_model(load_config(TINY, ["model.depth=2"]).model)
+    shard_experts(model, 2, ep_rank)
     apply_expert_parallel(model, 2)
     squares = {"dense": 0.0, "expert": 0.0}
     for i, (name, p) in enumerate(model.named_parameters()):
@@ -219,10 +220,11 @@ def test_global_grad_norm_counts_every_gradient_once():
 def _ema_worker(rank, world, port, q):
     _init_deepspeed_worker(rank, world, port)  # before promoe_ds imports DeepSpeed's modules
     from promoe_ds.ema import EMA
-    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, replica_group
+    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, replica_group, shard_experts
 
     ep_rank = create_groups(2)
-    model = build_model(load_config(TINY, ["model.depth=2"]).model, ep_size=2, ep_rank=ep_rank)
+    model = build_model(load_config(TINY, ["model.depth=2"]).model)
+    shard_experts(model, 2, ep_rank)
     apply_expert_parallel(model, 2)
     ema = EMA(model, 0.9, replicas=replica_group)
     ref = {n: p.detach().clone() for n, p in model.named_parameters()}  # the plain EMA, every tensor here
@@ -259,10 +261,11 @@ def test_ema_is_sharded_over_replicas_and_gathers_to_the_plain_ema():
 def _compiled_ep_worker(rank, world, port, q):
     _init_deepspeed_worker(rank, world, port)  # before promoe_ds imports DeepSpeed's modules
     from promoe_ds.models.dit import compile_model
-    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups
+    from promoe_ds.parallel.ep import apply_expert_parallel, create_groups, shard_experts
 
     cfg = load_config(TINY, ["model.depth=2", "model.hidden_size=32", "model.num_heads=2"]).model
-    model = build_model(cfg, ep_size=2, ep_rank=create_groups(2)).train()
+    model = build_model(cfg).train()
+    shard_experts(model, 2, create_groups(2))
     model.set_expert_backend("grouped", "cpu")
     apply_expert_parallel(model, 2)
     with torch.no_grad():  # open adaLN-Zero gates so every weight gets a gradient
@@ -285,8 +288,8 @@ def _compiled_ep_worker(rank, world, port, q):
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         explained = torch._dynamo.explain(model)(*batch(0))
-    breaks = {"_send" if "AllToAllDispatch._send" in str(r.reason) else
-              "_return" if "AllToAllDispatch._return" in str(r.reason) else str(r.reason)[:300]
+    breaks = {"_send" if "AllToAllDispatcher._send" in str(r.reason) else
+              "_return" if "AllToAllDispatcher._return" in str(r.reason) else str(r.reason)[:300]
               for r in explained.break_reasons}
     torch._dynamo.reset()
     compiled = compile_model(model)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from promoe_ds.config import ModelConfig
-from promoe_ds.models.experts import resolve_backend
+from promoe_ds.models.experts import ExpertGroup, resolve_backend
 from promoe_ds.models.moe import MoEMLP
 
 
@@ -79,15 +79,15 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: bool, layer_seed: int, ep_size: int, ep_rank: int):
+    def __init__(self, cfg: ModelConfig, moe: bool, layer_seed: int):
         super().__init__()
         d = cfg.hidden_size
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(d, cfg.num_heads, cfg.qk_norm)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.is_moe = moe
-        self.mlp = (MoEMLP(d, cfg.moe, mlp_ratio=cfg.mlp_ratio, layer_seed=layer_seed, ep_size=ep_size,
-                           ep_rank=ep_rank) if moe else Mlp(d, int(d * cfg.mlp_ratio)))
+        self.mlp = (MoEMLP(d, cfg.moe, mlp_ratio=cfg.mlp_ratio, layer_seed=layer_seed) if moe
+                    else Mlp(d, int(d * cfg.mlp_ratio)))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
     def forward(self, x, c, cond):
@@ -115,13 +115,16 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, seed: int = 0, ep_size: int = 1, ep_rank: int = 0):
+    def __init__(self, cfg: ModelConfig, *, seed: int = 0):
+        """Built and initialised from ``seed``; built on the meta device, the weights come with
+        ``to_empty`` + ``init_weights`` (after expert parallelism took this rank's slice of the routed experts)."""
         super().__init__()
+        self.seed = seed
         with torch.random.fork_rng(devices=[]):  # same dense init on every rank, global RNG untouched
             torch.manual_seed(seed)
-            self._build(cfg, seed, ep_size, ep_rank)
+            self._build(cfg, seed)
 
-    def _build(self, cfg: ModelConfig, seed: int, ep_size: int, ep_rank: int):
+    def _build(self, cfg: ModelConfig, seed: int):
         self.cfg = cfg
         d, p = cfg.hidden_size, cfg.patch_size
         self.out_channels = cfg.in_channels * 2 if cfg.learn_sigma else cfg.in_channels
@@ -137,8 +140,7 @@ class DiT(nn.Module):
         self.moe_blocks = ([i for i in range(cfg.depth) if i % every == every - 1]
                            if cfg.moe.router != "none" else [])
         self.blocks = nn.ModuleList(
-            DiTBlock(cfg, i in self.moe_blocks, layer_seed=seed * 7919 + 1000 * i, ep_size=ep_size, ep_rank=ep_rank)
-            for i in range(cfg.depth))
+            DiTBlock(cfg, i in self.moe_blocks, layer_seed=seed * 7919 + 1000 * i) for i in range(cfg.depth))
         self.final_layer = FinalLayer(d, p, self.out_channels)
         self._init_dense()
 
@@ -163,6 +165,23 @@ class DiT(nn.Module):
         for m in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+
+    @torch.no_grad()
+    def init_weights(self) -> DiT:
+        """The weights and buffers the constructor gives, for a model built on the meta device and moved with
+        ``to_empty``: the draws of every layer's default init replayed in construction order from ``seed``
+        (they set the RNG state the dense init starts from), the seeded router and expert inits, the dense init."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, ExpertGroup)):
+                    m.reset_parameters()
+            for layer in self.moe_layers():
+                layer.reset_router()
+            self._init_dense()
+        grid = self.cfg.input_size // self.cfg.patch_size
+        self.pos_embed.copy_(torch.from_numpy(sincos_pos_embed(self.cfg.hidden_size, grid, self.cfg.pos_embed))[None])
+        return self
 
     def moe_layers(self) -> list[MoEMLP]:
         return [self.blocks[i].mlp for i in self.moe_blocks]
@@ -230,8 +249,8 @@ def collect_aux(auxes: list[dict], like: torch.Tensor) -> dict:
     return out
 
 
-def build_model(cfg: ModelConfig, *, seed: int = 0, ep_size: int = 1, ep_rank: int = 0) -> DiT:
-    return DiT(cfg, seed=seed, ep_size=ep_size, ep_rank=ep_rank)
+def build_model(cfg: ModelConfig, *, seed: int = 0) -> DiT:
+    return DiT(cfg, seed=seed)
 
 
 def compile_model(model: nn.Module, cuda_graphs: bool = False, dynamic: bool | None = None):

@@ -131,14 +131,15 @@ class ExpertGroup(nn.Module):
     (expert parallelism holds a slice); initialisation is seeded per (seed, global id), so a model
     built with any expert-parallel layout starts from the same weights."""
 
-    def __init__(self, num: int, dim: int, hidden: int, *, first_id: int = 0, seed: int = 0, shared: bool = False):
+    def __init__(self, num: int, dim: int, hidden: int, *, first_id: int = 0, seed: int = 0, shared: bool = False,
+                 device: torch.device | str | None = None):
         super().__init__()
         self.num, self.dim, self.hidden, self.first_id, self.seed = num, dim, hidden, first_id, seed
         self.shared = shared  # computed by forward_all (every token), not by a backend
-        self.w1 = nn.Parameter(torch.empty(num, hidden, dim))
-        self.b1 = nn.Parameter(torch.zeros(num, hidden))
-        self.w2 = nn.Parameter(torch.empty(num, dim, hidden))
-        self.b2 = nn.Parameter(torch.zeros(num, dim))
+        self.w1 = nn.Parameter(torch.empty(num, hidden, dim, device=device))
+        self.b1 = nn.Parameter(torch.zeros(num, hidden, device=device))
+        self.w2 = nn.Parameter(torch.empty(num, dim, hidden, device=device))
+        self.b2 = nn.Parameter(torch.zeros(num, dim, device=device))
         self.backend = "loop"
         self.reset_parameters()
 
@@ -154,6 +155,20 @@ class ExpertGroup(nn.Module):
                 w[i].copy_(torch.rand(w.shape[1:], generator=g) * 2 * bound - bound)
         self.b1.zero_()
         self.b2.zero_()
+
+    def shard(self, index: int, count: int) -> ExpertGroup:
+        """Experts ``index * n .. (index + 1) * n - 1`` of this group (n = num / count) as a group of their own:
+        their current values, or nothing on the meta device (``reset_parameters`` gives them the values they
+        would have had here)."""
+        n = self.num // count
+        part = ExpertGroup(n, self.dim, self.hidden, first_id=self.first_id + index * n, seed=self.seed,
+                           shared=self.shared, device=self.w1.device)
+        part.backend = self.backend
+        if not self.w1.is_meta:
+            with torch.no_grad():
+                for name in ("w1", "b1", "w2", "b2"):
+                    getattr(part, name).copy_(getattr(self, name)[index * n:(index + 1) * n])
+        return part
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of every expert applied to every token (shared experts, Eq. 5): the E experts as one

@@ -14,10 +14,14 @@ One module, ``MoEMLP``, with four routers:
 Routing produces a fixed number of (token, expert, gate) assignments per token: conditional tokens
 get their top-k routed experts, null-label tokens their unconditional experts (ids after the routed
 ones, gate 1). Shapes never depend on the data, so the layer has no host sync on one GPU and
-compiles into one graph; ``dispatch`` then runs all experts in one grouped GEMM.
+compiles into one graph.
 
-Distribution is injected, not imported: ``dispatch`` computes the experts for the assignments
-(``local_dispatch`` by default; all-to-all for the routed ones under expert parallelism) and
+A token dispatcher moves the assignments to the experts and back (MegaBlocks' and torchtitan's
+shape): ``dispatch(tokens, expert ids, gates)`` gives the tokens of the experts this layer holds,
+sorted by expert, and their counts; the layer runs its experts on them in one grouped GEMM;
+``combine`` returns sum_j G_j E_j(x) per token (Eq. 5). The layer knows nothing of processes:
+``TokenDispatcher`` keeps everything here; expert parallelism (parallel/ep.py) gives the layer a
+slice of the routed experts and a dispatcher that exchanges tokens with the other slices' ranks, and
 ``reduce_stats`` sums routing statistics over the data-parallel group (identity by default), so the
 RCL's expert means are the global mini-batch means whatever the world size.
 """
@@ -103,12 +107,21 @@ def combine_sorted(ys, x, tok, order, inv, gate):
     return torch.zeros_like(x).index_add_(0, tok[order], ys.to(x.dtype) * gate[order, None].to(x.dtype))
 
 
-def local_dispatch(layer: MoEMLP, x, tok, exp, gate):
-    """sum_j G_j E_j(x) over every assignment (Eq. 5), routed and unconditional experts in one call."""
-    groups = [g for g in (layer.routed_experts, layer.uncond_experts) if g is not None]
-    order, inv, counts = expert_order(exp, tok, sum(g.num for g in groups))
-    ys = run_experts(groups, gather_sorted(x, tok, order, inv), counts)
-    return combine_sorted(ys, x, tok, order, inv, gate)
+class TokenDispatcher:
+    """Assignments to experts on this process: ``dispatch`` sorts the assignments' tokens by expert id
+    (``num_experts`` ids: the routed experts, then the unconditional ones), ``combine`` weights the expert
+    outputs by their gates and sums them per token (Eq. 5)."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    def dispatch(self, x, tok, exp, gate):
+        """-> (tokens sorted by expert, tokens per expert, what ``combine`` needs)."""
+        order, inv, counts = expert_order(exp, tok, self.num_experts)
+        return gather_sorted(x, tok, order, inv), counts, (x, tok, order, inv, gate)
+
+    def combine(self, ys, ctx):
+        return combine_sorted(ys, *ctx)
 
 
 def identity_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -149,8 +162,7 @@ def load_balancing_loss(probs, member, routed_ok, reduce=identity_reduce):
 
 
 class MoEMLP(nn.Module):
-    def __init__(self, dim: int, moe: MoEConfig, *, mlp_ratio: float, layer_seed: int,
-                 ep_size: int = 1, ep_rank: int = 0):
+    def __init__(self, dim: int, moe: MoEConfig, *, mlp_ratio: float, layer_seed: int):
         super().__init__()
         spec: ExpertSpec = moe.spec()
         self.spec, self.router = spec, moe.router
@@ -158,23 +170,29 @@ class MoEMLP(nn.Module):
         self.rcl_weight, self.rcl_tau, self.rcl_assign = moe.rcl_weight, moe.rcl_tau, moe.rcl_assign
         self.lb_weight, self.ec_capacity, self.ec_group = moe.lb_weight, moe.ec_capacity, moe.ec_group
         hidden = int(dim * (moe.expert_mlp_ratio or mlp_ratio / (1 + spec.shared)))
-        if spec.routed % ep_size:
-            raise ValueError(f"{spec.routed} routed experts cannot be split over ep_size={ep_size}")
-        n_local = spec.routed // ep_size
-        self.routed_experts = ExpertGroup(n_local, dim, hidden, first_id=ep_rank * n_local, seed=layer_seed)
+        self.routed_experts = ExpertGroup(spec.routed, dim, hidden, seed=layer_seed)
         self.shared_experts = (ExpertGroup(spec.shared, dim, hidden, seed=layer_seed + 1, shared=True)
                                if spec.shared else None)
         self.uncond_experts = ExpertGroup(spec.uncond, dim, hidden, seed=layer_seed + 2) if spec.uncond else None
+        self.layer_seed = layer_seed
         if self.router.startswith("promoe"):
-            self.prototypes = nn.Parameter(torch.randn(spec.routed, dim,
-                                                       generator=torch.Generator().manual_seed(layer_seed + 3)) * 0.02)
+            self.prototypes = nn.Parameter(torch.empty(spec.routed, dim))
         else:
             self.gate = nn.Linear(dim, spec.routed, bias=False)
-            with torch.no_grad():
-                g = torch.Generator().manual_seed(layer_seed + 3)
-                self.gate.weight.copy_(torch.randn(self.gate.weight.shape, generator=g) * 0.02)
-        self.dispatch = local_dispatch
+        self.reset_router()
+        self.dispatcher = TokenDispatcher(spec.routed + spec.uncond)
         self.reduce_stats = identity_reduce
+
+    @torch.no_grad()
+    def reset_router(self) -> None:
+        """Prototypes (or the gate of the softmax routers) N(0, 0.02), from the layer's own generator."""
+        w = self.prototypes if self.router.startswith("promoe") else self.gate.weight
+        g = torch.Generator().manual_seed(self.layer_seed + 3)
+        w.copy_(torch.randn(w.shape, generator=g, device="cpu") * 0.02)
+
+    def expert_groups(self) -> list[ExpertGroup]:
+        """The experts ``dispatch`` sorts tokens for, in id order: the routed ones held here, the unconditional."""
+        return [g for g in (self.routed_experts, self.uncond_experts) if g is not None]
 
     # ---- routing -------------------------------------------------------------------------------
     @full_precision
@@ -252,7 +270,9 @@ class MoEMLP(nn.Module):
                      else torch.ones(b * l, dtype=torch.bool, device=x.device))  # no uncond experts: all routed
         scores = self._scores(xf)
         tok, exp, gate, member = self._assign(scores, routed_ok, l)
-        out = out + self.dispatch(self, xf, tok, exp, gate).to(out.dtype)
+        xs, counts, ctx = self.dispatcher.dispatch(xf, tok, exp, gate)
+        ys = run_experts(self.expert_groups(), xs, counts)  # one backend call for routed and unconditional
+        out = out + self.dispatcher.combine(ys, ctx).to(out.dtype)
 
         aux = {}
         if self.training:

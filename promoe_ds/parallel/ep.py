@@ -2,10 +2,12 @@
 
 Routed experts are split over an expert-parallel (EP) group of ``ep_size`` consecutive ranks
 (DeepSpeed's layout: EP group ``[0, 1], [2, 3], ...``; expert-data-parallel group ``[0, 2, ...],
-[1, 3, ...]``). Tokens travel to the rank that owns their expert with ``all_to_all_single`` using
-per-rank token counts (dropless: no capacity, no token dropped) and come back the same way; the
-backward pass is the reverse exchange. Shared and unconditional experts, prototypes and the rest
-of the model stay replicated.
+[1, 3, ...]``). ``shard_experts`` keeps this rank's slice of every MoE layer's routed experts (on the
+meta device before the weights are made, so no rank builds them all); ``apply_expert_parallel`` gives
+every layer an ``AllToAllDispatcher``: tokens travel to the rank that owns their expert with
+``all_to_all_single`` using per-rank token counts (dropless: no capacity, no token dropped) and come
+back the same way; the backward pass is the reverse exchange. Shared and unconditional experts,
+prototypes and the rest of the model stay replicated. The model itself knows nothing of ranks.
 
 DeepSpeed must treat routed-expert parameters as expert parameters (gradients averaged only over
 the expert-data-parallel group, ZeRO partitions in their own groups, broadcast inside that group).
@@ -23,8 +25,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 
 from promoe_ds.models.dit import DiT
-from promoe_ds.models.experts import run_experts
-from promoe_ds.models.moe import combine_sorted, expert_order, gather_sorted
+from promoe_ds.models.moe import TokenDispatcher
 
 
 class _AllToAll(torch.autograd.Function):
@@ -73,33 +74,36 @@ class AllReduceStats:
         return _AllReduceSum.apply(t, self.group)
 
 
-class AllToAllDispatch:
-    """``dispatch`` hook of MoEMLP under expert parallelism: routed expert ``e`` lives on EP rank
-    ``e // num_local``; its tokens are exchanged, computed grouped by local expert, and sent back.
-    Assignments to unconditional experts (ids after the routed ones) are computed locally.
+class AllToAllDispatcher(TokenDispatcher):
+    """The token dispatcher under expert parallelism: routed expert ``e`` (of ``num_routed``) lives on rank
+    ``e // num_local`` of ``group``. ``dispatch`` sorts this rank's assignments by expert, sends the routed
+    ones to their experts' ranks and returns what this rank's experts compute: the tokens it received, grouped
+    by local expert, then its own tokens for the unconditional experts (ids after the routed ones), which
+    every rank holds. ``combine`` sends the routed outputs back and sums every token's outputs (Eq. 5).
 
     Under torch.compile only the two exchanges run eagerly (their split sizes are read on the host);
     sorting, the expert GEMMs (routed and unconditional) and the gate-weighted sum stay in the
     compiled graph, with the received token count as a dynamic dimension."""
 
-    def __init__(self, group, ep_size: int, num_local: int):
-        self.group, self.ep_size, self.num_local = group, ep_size, num_local
+    def __init__(self, group, num_routed: int, num_uncond: int):
+        super().__init__(num_routed + num_uncond)
+        self.group, self.ep_size = group, dist.get_world_size(group)
+        self.num_routed, self.num_local = num_routed, num_routed // self.ep_size
         self.last_recv_counts = None  # [ep_size, num_local] tokens received last call (for tests/stats)
 
-    def __call__(self, layer, x, tok, exp, gate):
-        n_routed = self.ep_size * self.num_local
-        n_uncond = layer.uncond_experts.num if layer.uncond_experts is not None else 0
-        order, inv, counts = expert_order(exp, tok, n_routed + n_uncond)
-        recv, recv_counts, local = self._send(gather_sorted(x, tok, order, inv), counts, n_routed)
-        ys = run_experts([layer.routed_experts], recv, recv_counts)
-        ys_local = run_experts([layer.uncond_experts], local, counts[n_routed:]) if n_uncond else None
-        return combine_sorted(self._return(ys, ys_local), x, tok, order, inv, gate)
+    def dispatch(self, x, tok, exp, gate):
+        xs, counts, ctx = super().dispatch(x, tok, exp, gate)
+        return (*self._send(xs, counts), ctx)
+
+    def combine(self, ys, ctx):
+        return super().combine(self._return(ys), ctx)
 
     @torch.compiler.disable  # split sizes on the host: eager under torch.compile (a graph break)
-    def _send(self, xs, counts, n_routed):
-        """-> (tokens received for the local experts, grouped by local expert; their counts per local
-        expert; this rank's tokens for the unconditional experts). Keeps the routes for ``_return`` on the
-        object: returned, their Python ints would become constants of the compiled graph."""
+    def _send(self, xs, counts):
+        """-> (the tokens this rank's experts compute: those received for its routed experts, grouped by local
+        expert, then its own for the unconditional experts; their counts per expert). Keeps the routes for
+        ``_return`` on the object: returned, their Python ints would become constants of the compiled graph."""
+        n_routed = self.num_routed
         recv_counts = torch.empty_like(counts[:n_routed])
         dist.all_to_all_single(recv_counts, counts[:n_routed].contiguous(), group=self.group)  # row j: from rank j
         sizes = torch.cat([counts[:n_routed], recv_counts]).tolist()  # the one host sync: split sizes
@@ -115,14 +119,17 @@ class AllToAllDispatch:
                                            recv_counts.flatten(), output_size=sum(out_splits))
         regroup = torch.argsort(local_id, stable=True)
         self._routes = (in_splits, out_splits, torch.argsort(regroup))
-        return recv.index_select(0, regroup), recv_counts.sum(0), xs[n_sent:]
+        return (torch.cat([recv.index_select(0, regroup), xs[n_sent:]]),
+                torch.cat([recv_counts.sum(0), counts[n_routed:]]))
 
     @torch.compiler.disable
-    def _return(self, ys, ys_local):
-        """Expert outputs back to the ranks their tokens came from, in the order they were sent."""
+    def _return(self, ys):
+        """Routed experts' outputs back to the ranks their tokens came from, in the order they were sent, then
+        this rank's unconditional experts' outputs: the order ``dispatch`` sorted the assignments in."""
         in_splits, out_splits, ungroup = self._routes
-        back = _AllToAll.apply(ys.index_select(0, ungroup), in_splits, out_splits, self.group)
-        return back if ys_local is None else torch.cat([back, ys_local])
+        n_recv = sum(out_splits)
+        back = _AllToAll.apply(ys[:n_recv].index_select(0, ungroup), in_splits, out_splits, self.group)
+        return torch.cat([back, ys[n_recv:]])
 
 
 class ExpertParamsMarker(MoE):
@@ -152,9 +159,17 @@ def create_groups(ep_size: int) -> int:
     return groups._get_expert_parallel_rank(name)
 
 
+def shard_experts(model: DiT, ep_size: int, ep_rank: int) -> None:
+    """Every MoE layer keeps routed experts ``ep_rank * n .. (ep_rank + 1) * n - 1`` (n = routed / ep_size)."""
+    for layer in model.moe_layers():
+        if layer.spec.routed % ep_size:
+            raise ValueError(f"{layer.spec.routed} routed experts cannot be split over ep_size={ep_size}")
+        layer.routed_experts = layer.routed_experts.shard(ep_rank, ep_size)
+
+
 def apply_expert_parallel(model: DiT, ep_size: int) -> None:
-    """Mark routed-expert parameters for DeepSpeed and install the distributed hooks on every MoE
-    layer. The model must have been built with this rank's ``ep_rank`` (see create_groups)."""
+    """Mark routed-expert parameters for DeepSpeed and give every MoE layer the distributed dispatcher and
+    statistics. The layers hold this rank's slice of the routed experts (``shard_experts``; see create_groups)."""
     name = group_name(ep_size)
     ep_group = groups._get_expert_parallel_group(name)
     layers = model.moe_layers()
@@ -163,7 +178,7 @@ def apply_expert_parallel(model: DiT, ep_size: int) -> None:
             p.allreduce = False
             p.group_name = name
         if ep_size > 1:
-            layer.dispatch = AllToAllDispatch(ep_group, ep_size, layer.routed_experts.num)
+            layer.dispatcher = AllToAllDispatcher(ep_group, layer.spec.routed, layer.spec.uncond)
         if dist.get_world_size() > 1:
             layer.reduce_stats = AllReduceStats()
     if layers:
