@@ -10,7 +10,8 @@
   or from a checkpoint outside this directory finds no checkpoint here; a run resumed from one of this
   directory's tags finds none newer. Otherwise it stops with one line, or, with ``train.overwrite=true``,
   moves those tags (and, for a run from step 0, ``metrics.jsonl``) into ``<out_dir>/replaced-<UTC time>/``:
-  nothing is deleted. Checkpoint retention then only ever sees the current run's tags.
+  nothing is deleted. Checkpoint retention then only ever sees the current run's tags. Records of
+  ``metrics.jsonl`` past the step the run starts from move to ``metrics.superseded.jsonl``.
 
 Both checks run on rank 0; every rank raises the same ``ConfigError``, so every rank exits with one line.
 """
@@ -35,13 +36,16 @@ SUPERSEDED = "metrics.superseded.jsonl"
 
 
 def agree(rank: int, fn, *args):
-    """``fn(*args)`` on rank 0; its ConfigError raised on every rank. Returns rank 0's result on rank 0, else None."""
+    """``fn(*args)`` on rank 0; its ConfigError (or OSError, on the run directory) raised on every rank as a
+    ConfigError. Returns rank 0's result on rank 0, else None."""
     result, message = None, None
     if rank == 0:
         try:
             result = fn(*args)
         except ConfigError as e:
             message = str(e)
+        except OSError as e:
+            message = f"train.out_dir: {e}"
     box = [message]
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
