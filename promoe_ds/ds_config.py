@@ -78,7 +78,7 @@ def build_ds_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict:
     if train.ep_size > 1 and not zcfg.contiguous_gradients:
         # DeepSpeed 0.19's non-contiguous path (buffered_reduce_fallback) all-reduces every gradient over the
         # whole data-parallel group, expert ones too: experts of different EP ranks would be averaged together
-        # (MoE needs contiguous gradients: deepspeedai/DeepSpeed#2250; tests/test_train_dist.py measured it)
+        # (MoE needs contiguous gradients: deepspeedai/DeepSpeed#2250)
         raise ConfigError(f"ds_config zero_optimization.contiguous_gradients in {path!r}: false is wrong with "
                           f"train.ep_size={train.ep_size} (DeepSpeed then reduces expert gradients over all ranks, "
                           "mixing different experts); remove it or set it true")

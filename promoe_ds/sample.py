@@ -244,29 +244,8 @@ def main_sample(args) -> dict:
     todo = [i for i in range(rank, args.num, world) if not (png_dir / f"{i:06d}.png").is_file()]
     dt = 0.0
     if todo:
-        from data_prep.encode import load_vae  # one VAE loader for encoding and decoding
-
-        vae = load_vae(vae_name, device, torch.float32)  # first: the likelier failure (offline hub id)
-        model = load_pretrained(args.weights, device)
+        vae, forward = _load(args, meta, vae_name, device, bf16, rank)
         objective = build_objective(objective_cfg)
-        scale = float(meta.get("scale_factor", vae.config.scaling_factor))
-        if abs(scale - vae.config.scaling_factor) > 1e-6 * scale:
-            raise ConfigError(f"--vae {vae_name!r} has scaling_factor {vae.config.scaling_factor}, but the model was "
-                              f"trained on latents scaled by {scale} (metadata of {args.weights})")
-        if vae.config.latent_channels != model.cfg.in_channels:
-            raise ConfigError(f"--vae {vae_name!r} has {vae.config.latent_channels} latent channels, the model "
-                              f"{model.cfg.in_channels}")
-        forward = model
-        if use_compile(args.compile, device, bf16):
-            if not bf16 and any(layer.routed_experts.backend == "grouped" for layer in model.moe_layers()):
-                raise ConfigError("--compile on: the grouped expert GEMM compiles in bf16 only; use --precision bf16 "
-                                  "or --compile off")
-            # static shapes: a rank's last, smaller batch compiles its own graph once instead of making
-            # every graph dynamic; the timestep is a tensor input, so no step recompiles
-            forward = compile_model(model, dynamic=False)
-            if rank == 0:
-                print("torch.compile: the first batch compiles (about a minute for the XL presets; --compile off: "
-                      "eager)", flush=True)
         shift = f", shift {objective_cfg.shift:g}" if objective_cfg.name == "flow" else ""
         bar = tqdm(total=len(todo), unit="img", desc=f"sampling ({objective_cfg.name}, {args.steps} steps{shift}, "
                                                      f"cfg {args.cfg_scale:g})", disable=rank != 0)
@@ -284,11 +263,49 @@ def main_sample(args) -> dict:
     new = torch.tensor([len(todo)])
     if world > 1:
         dist.all_reduce(new)  # also the barrier before rank 0 reads every rank's PNGs
-        # the last collective: every rank takes the group down itself (left to exit-time destructors, a rank
-        # whose peer had already exited once aborted with "terminate called without an active exception")
+        # the last collective: every rank takes the group down itself, before the interpreter exits (left to
+        # exit-time destructors, a rank whose peer has gone can abort with "terminate called without an active
+        # exception")
         dist.destroy_process_group()
     if rank != 0:
         return {}
+    npz, grid, shape = _collect(args, out, classes, num_classes)
+    rate = f" ({len(todo) / dt:.2f} img/s on rank 0, {dt:.1f}s)" if todo else ""
+    print(f"sampled {int(new)} new images on {world} rank(s){rate}; {args.num} images {shape} -> {npz}, "
+          f"grid {grid}", flush=True)
+    return {"npz": npz, "grid": grid, "new": int(new), "seconds": dt}
+
+
+def _load(args, meta: dict, vae_name: str, device: torch.device, bf16: bool, rank: int):
+    """(the VAE, the model's forward: compiled or not), checked against each other and the weights' metadata."""
+    from data_prep.encode import load_vae  # one VAE loader for encoding and decoding
+
+    vae = load_vae(vae_name, device, torch.float32)  # first: the likelier failure (offline hub id)
+    model = load_pretrained(args.weights, device)
+    scale = float(meta.get("scale_factor", vae.config.scaling_factor))
+    if abs(scale - vae.config.scaling_factor) > 1e-6 * scale:
+        raise ConfigError(f"--vae {vae_name!r} has scaling_factor {vae.config.scaling_factor}, but the model was "
+                          f"trained on latents scaled by {scale} (metadata of {args.weights})")
+    if vae.config.latent_channels != model.cfg.in_channels:
+        raise ConfigError(f"--vae {vae_name!r} has {vae.config.latent_channels} latent channels, the model "
+                          f"{model.cfg.in_channels}")
+    if not use_compile(args.compile, device, bf16):
+        return vae, model
+    if not bf16 and any(layer.routed_experts.backend == "grouped" for layer in model.moe_layers()):
+        raise ConfigError("--compile on: the grouped expert GEMM compiles in bf16 only; use --precision bf16 "
+                          "or --compile off")
+    if rank == 0:
+        print("torch.compile: the first batch compiles (about a minute for the XL presets; --compile off: "
+              "eager)", flush=True)
+    # static shapes: a rank's last, smaller batch compiles its own graph once instead of making
+    # every graph dynamic; the timestep is a tensor input, so no step recompiles
+    return vae, compile_model(model, dynamic=False)
+
+
+def _collect(args, out: Path, classes, num_classes: int) -> tuple[Path, Path, list[int]]:
+    """Rank 0, once every rank has written its PNGs: all of them into ``samples.npz`` (images and labels, the
+    evaluator's input) and the first ones into ``grid.png``; (their paths, an image's shape)."""
+    png_dir = out / "samples"
     missing = [i for i in range(args.num) if not (png_dir / f"{i:06d}.png").is_file()]
     if missing:
         raise RuntimeError(f"{len(missing)} of {args.num} samples are missing in {png_dir} "
@@ -304,7 +321,4 @@ def main_sample(args) -> dict:
         np.savez(f, arr_0=images, arr_1=labels)
     os.replace(npz.with_name(npz.name + ".tmp"), npz)
     _save_png(image_grid(images[:GRID_MAX]), grid)
-    rate = f" ({len(todo) / dt:.2f} img/s on rank 0, {dt:.1f}s)" if todo else ""
-    print(f"sampled {int(new)} new images on {world} rank(s){rate}; {args.num} images "
-          f"{list(images.shape[1:])} -> {npz}, grid {grid}", flush=True)
-    return {"npz": npz, "grid": grid, "new": int(new), "seconds": dt}
+    return npz, grid, list(images.shape[1:])

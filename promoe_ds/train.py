@@ -127,8 +127,8 @@ def clip_in_adamw(optimizer, norm: torch.Tensor, max_norm: float, ok: torch.Tens
 
 def finish(logger: MetricsLogger, run_lock: int | None) -> None:
     """The end of a run on every rank: the ranks leave together, rank 0 gives up the run directory, and they take
-    the process group down before the interpreter exits (left to exit-time destructors, a rank whose peers had
-    already gone once aborted with "terminate called without an active exception" after a finished run)."""
+    the process group down before the interpreter exits (left to exit-time destructors, a rank whose peers have
+    already gone can abort with "terminate called without an active exception" after a finished run)."""
     logger.close()
     watchdog.mark("finish")
     dist.barrier()

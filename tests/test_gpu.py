@@ -48,8 +48,9 @@ def test_expert_backend_matches_loop(backend):
 @pytest.mark.parametrize("marked", [False, True], ids=["dense", "routed-experts-marked"])
 def test_zero0_clip_and_skip_never_wait_for_the_gpu(marked):
     """The ZeRO-0 update (global norm, clip and skip inside the fused AdamW) queues without a host sync,
-    with or without routed-expert gradients (an empty group's zero was once a host tensor: a synchronising
-    copy), and matches clip_grad_norm_ + AdamW; a non-finite loss flag leaves the weights as they were."""
+    with or without routed-expert gradients (an empty group's zero is made on the device: a host tensor
+    would be a synchronising copy), and matches clip_grad_norm_ + AdamW; a non-finite loss flag leaves the
+    weights as they were."""
     from promoe_ds.parallel.ep import global_grad_norm
     from promoe_ds.train import clip_in_adamw
 

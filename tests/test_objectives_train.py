@@ -23,7 +23,7 @@ BATCH, WINDOW = 16, 20
 CASES = {"flow": ["objective.name=flow"],
          "ddpm": ["objective.name=ddpm"],
          "ddpm_ec": ["objective.name=ddpm", "model.moe.router=promoe_ec"]}
-# Steps per case. Measured (seeds fixed, 2 cores): flow's velocity target keeps a large irreducible
+# Steps per case, seeds fixed: flow's velocity target keeps a large irreducible
 # part, it needs the longer run (train window ratio 0.70, eval 1.80 -> 1.49 at 300 steps); DDPM's
 # eps-MSE + VLB drops fast (ratio 0.26, eval 1.02 -> 0.21, both routers).
 STEPS = {"flow": 300, "ddpm": 200, "ddpm_ec": 200}

@@ -256,8 +256,8 @@ def build_model(cfg: ModelConfig, *, seed: int = 0) -> DiT:
 def compile_model(model: nn.Module, cuda_graphs: bool = False, dynamic: bool | None = None):
     """torch.compile for training and sampling. With the ``grouped`` experts the whole forward (MoE layers included)
     is one graph on one GPU. Inductor's mix-order reduction (on by default since torch 2.10) is turned
-    off: it returns [D] gradients for [1, D] parameters (pytorch#178080: seen here on the H100 for the
-    1-expert unconditional group's bias) and can silently corrupt adaLN-style gradients (pytorch#193061).
+    off: it returns [D] gradients for [1, D] parameters (pytorch#178080, e.g. the bias of a 1-expert
+    unconditional group on CUDA) and can silently corrupt adaLN-style gradients (pytorch#193061).
     ``cuda_graphs``: inductor records the compiled forward and backward as CUDA graphs and replays them,
     one launch each instead of one per kernel (CUDA only; static shapes, i.e. no expert parallelism).
     ``dynamic``: torch.compile's (None: a graph turns dynamic when a second shape arrives)."""

@@ -199,7 +199,7 @@ class MoEMLP(nn.Module):
     def _scores(self, x):
         if self.router.startswith("promoe"):
             # Eq. 4 as (x . p) / |x| with unit prototypes: x enters the GEMM as it is; a normalised copy of x
-            # would be written, kept for the backward and read again (measured: bench/moe_block.py)
+            # would be written, kept for the backward and read again (bench/moe_block.py times both)
             x = _atleast_f32(x)
             protos = F.normalize(_atleast_f32(self.prototypes), dim=-1)
             z = self.alpha * (x @ protos.T) / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)

@@ -72,8 +72,8 @@ _given: set[int] = set()
 def free_port() -> int:
     """A TCP port nothing listens on, for a rendezvous on this machine. Taken below the kernel's ephemeral
     range where there is room: other worlds' ranks connect from ephemeral ports, and one of those connections
-    could take a port picked from that range before this world's rank 0 listens on it (seen with eight
-    2-process worlds starting at once). Never the same port twice in one process."""
+    could take a port picked from that range before this world's rank 0 listens on it (several worlds
+    starting at once on one machine). Never the same port twice in one process."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
