@@ -24,9 +24,14 @@ Shard source (``data.source: wds``), over the shards of ``<data.path>/manifest.j
   rebuilds epoch ``epoch``, lets each worker skip its consumed batches (raw tar reading through the
   shuffle buffer, no decoding) and drops ``offset`` rows: the following batches are bit-identical to
   an uninterrupted run, provided world size, num_workers, micro_batch, seed, shuffle_buffer,
-  resampled and the shard list are unchanged (checked via ``layout``). If they changed, the source
-  warns and restarts the saved epoch from its start (samples of that epoch may repeat or be missed).
-  Resuming costs at most one epoch's share of reading for this rank.
+  resampled and the shard list are unchanged (checked via ``layout``). A resume on another world size,
+  num_workers or micro_batch gets every old rank's position (``{"ranks": [...]}``, the trainer reads
+  them all) and finishes the epoch in progress with the shards no old reader slot had returned in full,
+  dealt over the new slots (``redeal``); per old slot (rank x worker) at most its partly read shard plus
+  shuffle_buffer samples repeat and at most shuffle_buffer are left out, and ``load_state_dict``
+  returns a line saying how many; later epochs are whole. Another seed, resampling or shard list: the
+  source warns and restarts the saved epoch from its start. Resuming costs at most one epoch's share of
+  reading for this rank.
 * Bad data. A shard that is missing at start is left out and counted; one that fails while being
   read (missing, truncated, not a tar) is skipped for the rest of that read with a warning and
   counted in ``stats["bad_shards"]`` (again each epoch it is drawn). A sample that cannot be decoded,
@@ -171,6 +176,50 @@ def _tar_members(path: Path):
                 raise ValueError(f"unsupported tar member type {kind!r}: shards must be plain ustar")
 
 
+def epoch_shards(n: int, seed: int, resampled: bool, epoch: int, slot: int, slots: int) -> list[int]:
+    """The shards (of ``n``) that reader slot ``slot`` of ``slots`` reads in ``epoch``, in order."""
+    if resampled:
+        rng = np.random.default_rng(stable_seed(seed, "resample", epoch, slot))
+        return rng.integers(n, size=max(1, math.ceil(n / slots))).tolist()
+    perm = np.random.default_rng(stable_seed(seed, "epoch", epoch)).permutation(n)
+    return perm[slot::slots].tolist()
+
+
+def redeal(states: list[dict], counts: list[int], shuffle_buffer: int) -> tuple[int, list[int], int, int]:
+    """Where a resume on another layout starts reading, from every old rank's position (``state_dict``; same
+    shards, seed and resampling): (epoch E, the shards of E still to read, at most how many samples of E repeat,
+    at most how many are left out). A shard counts as read when its old reader slot had returned as many samples
+    as its stream held up to that shard's end; those shards are left out of E, the others are read again in full.
+    Through the shuffle buffer a slot has returned a mix of the first (returned + buffer) samples it read: per old
+    slot, up to ``shuffle_buffer`` samples of shards counted as read may not have been returned (left out), and
+    the samples it returned from the others (at most the partly read shard plus the buffer) repeat; an old rank
+    already in a later epoch repeats what it read of that one."""
+    layout = states[0]["layout"]
+    world, workers, micro = layout["world_size"], max(1, layout["num_workers"]), layout["micro_batch"]
+    epoch = min(int(st["epoch"]) for st in states)
+    remaining, repeat, lost = [], 0, 0
+    for worker in range(workers):
+        for rank, st in enumerate(states):
+            shards = epoch_shards(len(counts), layout["seed"], layout["resampled"], epoch, worker * world + rank,
+                                  world * workers)
+            total = sum(counts[i] for i in shards)
+            batches, offset = int(st["batch"]), int(st["offset"])
+            pulled = (batches - worker + workers - 1) // workers if batches > worker else 0  # i % workers == worker
+            returned = min(total, pulled * micro + (offset if batches % workers == worker else 0))
+            if int(st["epoch"]) > epoch:  # this rank finished E; what it returned of its epoch is read again
+                repeat += batches * micro + offset if worker == 0 else 0
+                continue
+            read_through, done = 0, 0  # samples and shards (a prefix of the slot's list) read in full
+            while done < len(shards) and read_through + counts[shards[done]] <= returned:
+                read_through += counts[shards[done]]
+                done += 1
+            remaining += shards[done:]
+            buffered = min(shuffle_buffer if shuffle_buffer > 1 else 0, read_through)
+            lost += buffered
+            repeat += returned - read_through + buffered
+    return epoch, remaining, repeat, lost
+
+
 class _Plan:
     """What every process needs to produce its epochs (picklable, shipped to DataLoader workers)."""
 
@@ -181,18 +230,16 @@ class _Plan:
         self.micro_batch, self.seed, self.resampled = micro_batch, seed, resampled
         self.shuffle_buffer, self.latent_shape, self.scale = shuffle_buffer, latent_shape, scale
         self.num_classes = num_classes
+        self.redealt: tuple[int, list[int]] | None = None  # (epoch, its shards) after a resume on another layout
         self._good_headers: set[bytes] = set()
         self._nonfinite_seen: set[tuple] = set()
 
     def slot_shards(self, epoch: int, worker: int) -> list[int]:
         slots = self.world_size * self.workers
         slot = worker * self.world_size + self.rank  # worker-major: every rank has a slot < world_size
-        n = len(self.shards)
-        if self.resampled:
-            rng = np.random.default_rng(stable_seed(self.seed, "resample", epoch, slot))
-            return rng.integers(n, size=max(1, math.ceil(n / slots))).tolist()
-        perm = np.random.default_rng(stable_seed(self.seed, "epoch", epoch)).permutation(n)
-        return perm[slot::slots].tolist()
+        if self.redealt is not None and self.redealt[0] == epoch:
+            return self.redealt[1][slot::slots]
+        return epoch_shards(len(self.shards), self.seed, self.resampled, epoch, slot, slots)
 
     def batches_per_worker(self, epoch: int) -> int:
         counts = [sum(self.counts[i] for i in self.slot_shards(epoch, w)) for w in range(self.workers)]
@@ -361,7 +408,8 @@ class ShardSource:
     def _pull(self):
         """The next worker batch of this rank's stream (workers live until the next load_state_dict)."""
         if self._it is None:
-            self._check_empty = self._pulled == 0  # an epoch resumed in the middle is not checked
+            # an epoch resumed in the middle, or with its unread shards dealt over new readers, is not checked
+            self._check_empty = self._pulled == 0 and (self.plan.redealt or (None,))[0] != self._epoch
             loader = torch.utils.data.DataLoader(_Stream(self.plan, self._epoch, self._pulled), batch_size=None,
                                                  num_workers=self.num_workers,
                                                  prefetch_factor=4 if self.num_workers else None)
@@ -395,9 +443,18 @@ class ShardSource:
         return {"epoch": epoch, "batch": batch, "offset": offset, "layout": dict(self.layout)}
 
     def load_state_dict(self, d) -> str:
+        """From this rank's state, or from every old rank's ({"ranks": [...]}, a resume on another layout: the
+        epoch in progress continues with its shards not yet read, dealt over this layout's readers, see
+        ``redeal``). Returns a line saying what a resume on another layout did ("" otherwise)."""
+        self._it, self._carry, self._epoch_samples, self.plan.redealt = None, None, 0, None
         if "ranks" in d:
-            d = d["ranks"][min(self.plan.rank, len(d["ranks"]) - 1)]
-        self._it, self._carry, self._epoch_samples = None, None, 0
+            states = d["ranks"]
+            if self.plan.rank < len(states) and states[self.plan.rank].get("layout") == self.layout:
+                d = states[self.plan.rank]  # the data layout is unchanged: this rank's own position
+            elif "epoch" in states[0] and all(self._same_stream(st.get("layout")) for st in states):
+                return self._redeal(states)
+            else:
+                d = states[min(self.plan.rank, len(states) - 1)]
         if "epoch" not in d:  # the checkpoint's run read synthetic latents (data.source changed)
             log.warning("data.source changed since the checkpoint: reading %s from its first epoch", self.root)
             self._epoch, self._pulled, self._drop = 0, 0, 0
@@ -409,3 +466,19 @@ class ShardSource:
             self._epoch, self._pulled, self._drop = int(d["epoch"]), 0, 0
         self.stats["epoch"] = self._epoch
         return ""
+
+    def _same_stream(self, layout: dict | None) -> bool:
+        """Whether a checkpoint's data layout read the same epochs (shards, seed, resampling) as this one."""
+        return layout is not None and all(layout.get(k) == self.layout[k] for k in ("shards", "seed", "resampled"))
+
+    def _redeal(self, states: list[dict]) -> str:
+        epoch, remaining, repeat, lost = redeal(states, self.plan.counts, self.plan.shuffle_buffer)
+        self.plan.redealt = (epoch, remaining)
+        self._epoch, self._pulled, self._drop = epoch, 0, 0
+        self.stats["epoch"] = epoch
+        old = states[0]["layout"]
+        return (f"data: another reading layout ({old['world_size']} ranks x {max(1, old['num_workers'])} workers, "
+                f"micro-batch {old['micro_batch']} -> {self.plan.world_size} x {self.plan.workers}, "
+                f"{self.plan.micro_batch}): epoch {epoch} continues with the {len(remaining)} shard reads not yet "
+                f"done, dealt over the new readers; at most {repeat} samples of it repeat and at most {lost} are "
+                f"left out (data.shuffle_buffer={self.plan.shuffle_buffer})")

@@ -5,6 +5,7 @@ returned latent z = +-(k+1) * scale identifies both the sample and the view.
 """
 import io
 import logging
+import re
 import tarfile
 from pathlib import Path
 
@@ -259,3 +260,40 @@ def test_samples_with_a_nonfinite_latent_are_skipped_and_named_once(tmp_path, ca
     warned = [r.getMessage() for r in caplog.records if "non-finite latent" in r.getMessage()]
     assert sorted(w.split()[2] for w in warned) == ["00000001", "00000004"], warned
     assert all(str(shard) in w for w in warned)
+
+
+@pytest.mark.parametrize("buffer", [1, 4])
+def test_resume_on_another_world_size_rereads_only_unread_shards(tmp_path, buffer):
+    """2 ranks x 2 workers read part of epoch 0, then 3 ranks x 1 worker (another micro-batch) resume from their
+    positions: the epoch is finished with the shards not read in full, dealt over the new readers. Without a
+    shuffle buffer nothing is left out and only samples of partly read shards repeat; with one, repeats and
+    omissions stay within the bounds the report line states."""
+    counts = [5, 7, 6, 3, 8, 4, 6, 5, 7, 6]
+    ids = make_shards(tmp_path, counts)
+    every = sorted(j for shard in ids for j in shard)
+    old = [source(tmp_path, rank=r, world=2, workers=2, micro=2, resampled=False, buffer=buffer) for r in range(2)]
+    read = [j for _ in range(5) for src in old for j, _ in decode(*src.next_batch())]
+    assert old[0].stats["epoch"] == 0 and len(read) == 20
+    states = [src.state_dict() for src in old]
+    new = [source(tmp_path, rank=r, world=3, workers=1, micro=1, resampled=False, buffer=buffer) for r in range(3)]
+    reports = [src.load_state_dict({"ranks": states}) for src in new]
+    assert reports[0] == reports[2] and reports[0].startswith("data: another reading layout (2 ranks x 2 workers")
+    bounds = re.search(r"at most (\d+) samples of it repeat and at most (\d+) are left", reports[0])
+    repeat, lost = int(bounds[1]), int(bounds[2])
+    epochs = {0: [], 1: [], 2: []}  # what the new readers return in the rest of epoch 0, in epoch 1 (and 2)
+    for src in new:
+        while src.stats["epoch"] <= 1:
+            got = decode(*src.next_batch())
+            epochs[src.stats["epoch"]] += [j for j, _ in got]
+    rest = epochs[0]
+    missing = set(every) - set(read) - set(rest)
+    repeated = [j for j in rest if j in set(read)]
+    assert len(set(rest)) == len(rest)  # a shard is dealt to one new reader
+    assert len(missing) <= lost and len(repeated) <= repeat, (missing, repeated, reports[0])
+    if buffer == 1:
+        assert lost == 0 and not missing
+        partly = [shard for shard in ids if set(shard) & set(read) and not set(shard) <= set(read)]
+        assert set(repeated) <= {j for shard in partly for j in shard}
+        fully = {j for shard in ids if set(shard) <= set(read) for j in shard}
+        assert fully and not fully & set(rest)  # shards read in full are not read again
+    assert sorted(epochs[1]) == every  # the next epoch is a whole one, over the new readers

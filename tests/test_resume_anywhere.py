@@ -160,3 +160,26 @@ def test_resume_onto_a_layout_that_cannot_hold_the_model_is_one_error_line(tmp_p
     assert procs[0].wait(timeout=300) == 2
     errors = [line for line in (tmp_path / "log3/rank0.log").read_text().splitlines() if "error:" in line]
     assert len(errors) == 1 and "train.global_batch: 16, but checkpoint" in errors[0], errors
+
+
+def test_resume_on_fewer_ranks_reading_shards_reports_the_data_position(tmp_path):
+    """WebDataset shards, 2 ranks -> 1 rank: the resumed run says how its data position carried over and
+    trains on (the position arithmetic itself: tests/test_data.py)."""
+    from test_nonfinite_step import write_shards
+
+    root = tmp_path / "shards"
+    root.mkdir()
+    write_shards(root)  # 4 shards x 12 samples
+    data = ["data.source=wds", f"data.path={root}", "data.num_workers=0", "data.shuffle_buffer=4",
+            "data.resampled=false", "train.ckpt_every=2"]
+    run(2, COMMON + data + ["train.steps=2", "train.ep_size=2", f"train.out_dir={tmp_path / 'run'}"],
+        tmp_path / "log2")
+    run(1, COMMON + data + ["train.steps=3", "train.ep_size=1", f"train.out_dir={tmp_path / 'run'}"],
+        tmp_path / "log1")
+    log = (tmp_path / "log1/rank0.log").read_text()
+    assert "on another layout: world_size 2 -> 1, ep_size 2 -> 1, micro_batch 4 -> 8" in log, log[-2000:]
+    line = next(line for line in log.splitlines() if line.startswith("data: another reading layout"))
+    # 8 samples read per rank, none of its 12-sample shards in full: all 4 are read again, the 16 samples repeat
+    assert ("(2 ranks x 1 workers, micro-batch 4 -> 1 x 1, 8): epoch 0 continues with the 4 shard reads not yet done"
+            in line and "at most 16 samples of it repeat and at most 0 are left out" in line), line
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3]
