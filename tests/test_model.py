@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from promoe_ds.cli import main as cli_main
-from promoe_ds.config import ConfigError, ExpertSpec, MoEConfig, load_config
+from promoe_ds.config import ConfigError, ExpertSpec, MoEConfig, load_config, validate
 from promoe_ds.models.dit import build_model, count_params
 from promoe_ds.models.experts import BACKENDS, ExpertGroup
 from promoe_ds.models.moe import MoEMLP, expert_order, routing_contrastive_loss
@@ -218,6 +218,27 @@ def test_expert_spec():
     for bad in ["E2A1S1U1", "E4A5S0U0", "X14", "E14A0S1U1"]:
         with pytest.raises(ConfigError):
             ExpertSpec.parse(bad)
+
+
+@pytest.mark.parametrize("override,line", [
+    ("model.moe.router=magic", "model.moe.router: 'magic' is not one of none, promoe, promoe_ec, tc, ec"),
+    ("model.moe.backend=cuda", "model.moe.backend: 'cuda' is not one of auto, loop, grouped, megablocks"),
+    ("objective.name=DDPM", "objective.name: 'DDPM' is not one of flow, ddpm"),
+    ("train.zero_stage=3", "train.zero_stage: 3 is not one of 0, 1, 2"),
+    ("train.zero_stage=one", "train.zero_stage: cannot read 'one' as int"),
+    ("wandb.mode=cloud", "wandb.mode: 'cloud' is not one of online, offline, disabled"),
+])
+def test_choices_come_from_the_fields_literal_types(override, line):
+    """A setting's allowed values are its field's Literal[...] type: one error line lists them, for a value read
+    from an override and for one set in code (checked by validate)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert str(e.value) == line
+    assert load_config(overrides=["train.zero_stage=1"]).train.zero_stage == 1  # an int, as the type says
+    cfg = load_config()
+    cfg.model.moe.rcl_assign = "all"
+    with pytest.raises(ConfigError, match="^model.moe.rcl_assign: 'all' is not one of topk, top1$"):
+        validate(cfg)
 
 
 def test_config_errors(tmp_path):
