@@ -420,3 +420,23 @@ def test_sample_job(cluster, job_dir, work):
     with np.load(out / "samples.npz") as z:
         assert z["arr_0"].shape == (6, 64, 64, 3) and z["arr_0"].dtype == np.uint8
         assert list(z["arr_1"]) == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_resubmitted_run_resumes_on_another_task_count(cluster, job_dir):
+    """The same RUN_DIR submitted on 2 tasks, then on 1 (a requeue onto fewer nodes): the second job resumes the
+    first's checkpoint on the new layout, keeping the global batch PER_GPU_BATCH gave the first."""
+    env = {"PER_GPU_BATCH": "4"}
+    jid, run_dir, log = _submit(cluster, job_dir, "grow", "train.steps=4 train.ckpt_every=2 train.log_every=1",
+                                env=env)
+    _wait_done(cluster, jid, log, timeout=240)
+    jid, _, log = _submit(cluster, job_dir, "grow", "train.steps=6 train.ckpt_every=2 train.log_every=1 "
+                                                    "train.ep_size=1", extra=["--ntasks-per-node=1"], env=env)
+    _wait_done(cluster, jid, log, timeout=240)
+    text = _read(log)
+    assert "keeping the run's train.global_batch=8 on 1 tasks" in text, text
+    assert "resumed from step_00000004 at step 4 on another layout: world_size 2 -> 1, ep_size 2 -> 1" in text, text
+    recs = _metrics(run_dir)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6] and recs[-1]["world_size"] == 1, recs
+    assert {r["global_batch"] for r in recs} == {8}
