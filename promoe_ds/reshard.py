@@ -69,8 +69,9 @@ def full_adamw_state(engine, model: torch.nn.Module, keep=lambda name: True) -> 
 
 
 def _gather_fragments(p: torch.nn.Parameter, flat: torch.Tensor) -> torch.Tensor:
-    """``p``'s full tensor from the flat partitions (``flat``: this rank's) of its data-parallel group."""
-    full = torch.zeros(p.numel(), dtype=torch.float32, device=flat.device)
+    """``p``'s full tensor from the flat partitions (``flat``: this rank's, on the CPU with an offloaded optimizer)
+    of its data-parallel group, on ``p``'s device (the group's collectives run there)."""
+    full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
     fragment = p._hp_mapping  # where this rank's slice of p lies in p and in the flat partition (None: nowhere)
     if fragment is not None:
         hp, lp = fragment.hp_fragment_address, fragment.lp_fragment_address

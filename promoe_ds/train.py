@@ -359,14 +359,14 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         watchdog.mark("checkpoint", self.step)
-        t = self.cfg.train
+        t, started = self.cfg.train, time.perf_counter()
         meta = {"step": self.step, **self.layout, "engine": reshard.engine_counters(self.engine),
                 "config": to_dict(self.cfg), "objective": self.cfg.objective.name, "version": promoe_ds.__version__}
         tag_dir = ckpt.save(self.engine, self.model, self.ema, self.ckpt_dir, self.step, meta, self.state_dict(),
                             rank=self.rank, ep_rank=self.ep_rank, expert_writer=self.expert_writer,
                             keep_last=t.keep_last)
         if self.rank == 0:
-            print(f"checkpoint {tag_dir}", flush=True)
+            print(f"checkpoint {tag_dir} ({time.perf_counter() - started:.1f} s)", flush=True)
 
     def load_checkpoint(self, tag_dir: Path, meta: dict) -> None:
         """Engine, weights, EMA and this rank's state from ``tag_dir`` (its ``meta.json`` read: ``meta``), on the
