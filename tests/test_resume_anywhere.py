@@ -183,3 +183,27 @@ def test_resume_on_fewer_ranks_reading_shards_reports_the_data_position(tmp_path
     assert ("(2 ranks x 1 workers, micro-batch 4 -> 1 x 1, 8): epoch 0 continues with the 4 shard reads not yet done"
             in line and "at most 16 samples of it repeat and at most 0 are left out" in line), line
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+@pytest.mark.gpu
+def test_resume_from_zero2_onto_zero0_with_fused_ema_on_a_gpu(tmp_path):
+    """One GPU, bf16 autocast: a ZeRO-2 checkpoint resumed with ZeRO-0 and train.fused_ema (AdamWEMA: the step
+    counts and moments on the GPU, where torch's fused AdamW keeps them) continues as an uninterrupted ZeRO-0
+    fused run (bf16 rounding: looser than on the CPU)."""
+    base = COMMON + ["train.ep_size=1", "train.ckpt_every=2", "train.warmup_steps=10", "train.precision=bf16"]
+    fused = ["train.zero_stage=0", "train.fused_ema=true"]
+    run(1, base + fused + ["train.steps=4", f"train.out_dir={tmp_path / 'ref'}"], tmp_path / "log_ref")
+    run(1, base + ["train.zero_stage=2", "train.steps=2", f"train.out_dir={tmp_path / 'z2'}"], tmp_path / "log_z2")
+    run(1, base + fused + ["train.steps=4", f"train.out_dir={tmp_path / 'z2'}"], tmp_path / "log_res")
+    assert "on another layout: zero_stage 2 -> 0" in (tmp_path / "log_res/rank0.log").read_text()
+    ref, got = {r["step"]: r for r in metrics(tmp_path / "ref")}, {r["step"]: r for r in metrics(tmp_path / "z2")}
+    for s in (3, 4):
+        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=2e-3) and got[s]["lr"] == ref[s]["lr"], s
+    want = load_full(tmp_path / "ref/checkpoints/step_00000004")
+    have = load_full(tmp_path / "z2/checkpoints/step_00000004")
+    for name in want:
+        assert have[name]["step"] == want[name]["step"] == 4.0, name
+        for k in ("model", "exp_avg", "exp_avg_sq"):
+            scale = float(want[name][k].abs().max())
+            torch.testing.assert_close(have[name][k], want[name][k], rtol=1e-2, atol=1e-2 * scale + 1e-30,
+                                       msg=f"{name} {k}")
