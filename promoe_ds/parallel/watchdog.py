@@ -5,8 +5,8 @@ the others waiting in it, and the job would never end, so Slurm would never requ
 it is doing (``mark``: start-up, each step phase, a checkpoint); a daemon thread ends the process once one mark
 is older than the timeout, with one line naming the step and what the rank was waiting in, and exit status
 ``HUNG_EXIT`` (98), which slurm/train.sbatch requeues. The line is also written to ``<out_dir>/hang.txt``: srun
-reports the highest exit status of its tasks, which is that of the frozen rank once it is killed, so the
-template reads the file instead. The last complete checkpoint stays the resume point: a tag is complete only
+reports the highest exit status of its tasks, which can be that of the frozen rank once it is killed, so
+the template reads the file too. The last complete checkpoint stays the resume point: a tag is complete only
 once every rank has written its part (checkpoint.py).
 
 Why a thread of our own and not the process group's timeout alone: on NCCL the host does not wait inside a
