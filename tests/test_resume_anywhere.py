@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 COMMON = ["train.global_batch=8", "train.log_every=1", "train.seed=3", "objective.class_dropout=0.25"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL], ids=["SIGSTOP", "SIGKILL"])
 def test_a_stopped_or_dead_rank_ends_the_others_within_the_collective_timeout(tmp_path, sig):
     """SIGSTOP (a frozen node) or SIGKILL (a dead one) one of 2 ranks mid-run: the other exits 98 within
     train.collective_timeout (killed: at once, its connection closes) with one line naming the step and what it
