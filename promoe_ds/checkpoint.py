@@ -215,8 +215,8 @@ def check_layout(meta: dict, world_size: int, ep_size: int, zero_stage: int, glo
     if batch != global_batch:
         raise ConfigError(f"train.global_batch: {global_batch}, but checkpoint {str(tag_dir)!r} was trained with "
                           f"{batch}: a resumed run keeps its global batch (any world size and micro-batch that divide "
-                          "it); to change it, `promoe-ds export` the checkpoint and start with train.init_from=FILE "
-                          "train.resume=none")
+                          "it); to change it, `promoe-ds export` the checkpoint and start a new run with "
+                          "train.init_from=FILE train.resume=none in a new train.out_dir")
     theirs = (meta["world_size"], meta["ep_size"], meta["zero_stage"])
     if theirs == (world_size, ep_size, zero_stage):
         return True

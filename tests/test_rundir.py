@@ -197,9 +197,13 @@ def test_an_export_that_races_retention_names_the_deleted_tag(tmp_path):
 
 
 def test_the_layout_refusal_says_what_a_new_run_from_an_export_keeps():
-    meta = {"world_size": 2, "ep_size": 2, "zero_stage": 2}
+    """A checkpoint without layout-independent optimizer state, on another layout; or another global batch."""
+    meta = {"world_size": 2, "ep_size": 2, "zero_stage": 2, "config": {"train": {"global_batch": 8}}}
     with pytest.raises(ConfigError) as e:
-        check_layout(meta, 1, 1, 2, Path("runs/x/checkpoints/step_00000010"))
+        check_layout(meta, 1, 1, 2, 8, Path("runs/x/checkpoints/step_00000010"))
     assert ("start a new run from the file with train.init_from=FILE train.resume=none and a new train.out_dir (the "
             "file's weights, the EMA by default, become the new run's weights and its EMA starts from them; AdamW's "
             "state, the step count, the LR warm-up and the data position start anew)") in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        check_layout(meta, 2, 2, 2, 16, Path("runs/x/checkpoints/step_00000010"))
+    assert "start a new run with train.init_from=FILE train.resume=none in a new train.out_dir" in str(e.value)
