@@ -2,9 +2,10 @@
 
     python -m data_prep.toy --out DIR [--classes 10] [--per-class 20] [--size 64] [--seed 0]
 
-Writes ``DIR/train/n0000000C/n0000000C_I.JPEG``. Class c has its own shape (circle, square,
-triangle, ring, cross, diamond, ...), colour and background tint; each picture has 1-3 shapes at
-random positions and sizes, a random aspect ratio (short side = --size) and mild pixel noise.
+Writes ``DIR/train/n0000000C/n0000000C_I.JPEG``. Class c has its own colour (classes 0-9: ten evenly
+spaced hues), background tint (far from those of the classes of neighbouring colour) and shape (circle,
+square, triangle, ring, cross, diamond, hexagon, bar, repeating after eight classes); each picture has
+1-3 shapes at random positions and sizes, a random aspect ratio (short side = --size) and mild pixel noise.
 Output is identical for the same arguments.
 """
 from __future__ import annotations
@@ -57,8 +58,10 @@ def toy_image(c: int, rng: np.random.Generator, size: int) -> Image.Image:
     """One picture of class c."""
     aw, ah = ASPECTS[rng.integers(len(ASPECTS))]
     w, h = (size * aw // min(aw, ah), size * ah // min(aw, ah))
-    hue = c * 0.61803398875  # golden-ratio steps: well separated colours
-    img = Image.new("RGB", (w, h), _rgb(hue + 0.5, 0.25, rng.uniform(0.55, 0.85)))
+    hue = 0.3 * c + 0.05 * (c // 10)  # classes 0-9: ten hues 0.1 apart; the next ten halfway between them
+    # the background's hue moves 0.3 for every 0.1 of the shapes' hue: classes whose shapes have neighbouring
+    # colours get distant backgrounds
+    img = Image.new("RGB", (w, h), _rgb(3 * hue + 0.5, 0.25, rng.uniform(0.55, 0.85)))
     draw = ImageDraw.Draw(img)
     kind = SHAPES[c % len(SHAPES)]
     for _ in range(rng.integers(1, 4)):
