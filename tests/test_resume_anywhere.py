@@ -27,6 +27,7 @@ def test_a_stopped_or_dead_rank_ends_the_others_within_the_collective_timeout(tm
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not (out / "checkpoints/latest").is_file():
+            assert all(p.poll() is None for p in procs), (tmp_path / "log/rank0.log").read_text()[-3000:]
             time.sleep(0.2)
         assert (out / "checkpoints/latest").is_file(), (tmp_path / "log/rank0.log").read_text()[-3000:]
         procs[1].send_signal(sig)

@@ -2,8 +2,8 @@
 
 A collective waits for every rank of its group: one rank stopped (SIGSTOP, a frozen node), dead or hung leaves
 the others waiting in it, and the job would never end, so Slurm would never requeue it. The trainer marks what
-it is doing (``mark``: start-up, each step phase, a checkpoint); a daemon thread ends the process once one mark
-is older than the timeout, with one line naming the step and what the rank was waiting in, and exit status
+it is doing (``mark``: each step phase, a checkpoint); a daemon thread ends the process once one mark is older
+than the timeout, with one line naming the step and what the rank was waiting in, and exit status
 ``HUNG_EXIT`` (98), which slurm/train.sbatch requeues. The line is also written to ``<out_dir>/hang.txt``: srun
 reports the highest exit status of its tasks, which can be that of the frozen rank once it is killed, so
 the template reads the file too. The last complete checkpoint stays the resume point: a tag is complete only
@@ -16,6 +16,10 @@ The thread sees the same wait on both, within one step. The process groups (Deep
 included, which torch would give its own 10 or 30 minute default) get the timeout plus ``GRACE`` seconds, a
 backstop should the thread not run. A collective that fails at once instead (gloo: the connection to a
 killed rank closes) is reported the same way by ``exit_if_peer_lost``.
+
+Start-up (building the model, DeepSpeed's one-time op build, loading a checkpoint) is local work of any length,
+so the thread starts watching at the first mark; a start-up collective that waits for a lost rank is ended by
+the process group's timeout (gloo: reported by ``exit_if_peer_lost``; NCCL: its watchdog aborts the process).
 """
 from __future__ import annotations
 
@@ -53,7 +57,8 @@ HANG_NOTE = "hang.txt"
 class Watchdog:
     def __init__(self, timeout: float, rank: int):
         self.timeout, self.rank = timeout, rank
-        self.step, self.activity, self.since = 0, "start-up", time.monotonic()
+        self.step, self.activity = 0, "start-up"
+        self.since: float | None = None  # unwatched until the first mark (start-up)
         self.note: Path | None = None  # where the line is also written (the run directory's HANG_NOTE)
 
     def mark(self, activity: str, step: int | None = None) -> None:
@@ -81,7 +86,8 @@ class Watchdog:
     def _watch(self) -> None:
         while True:
             time.sleep(min(5.0, self.timeout / 10))
-            waited = time.monotonic() - self.since
+            since = self.since
+            waited = 0.0 if since is None else time.monotonic() - since
             if waited > self.timeout:
                 self.fire(f"waited {waited:.0f} s (train.collective_timeout={self.timeout:g} s) for another rank "
                           "(stopped, dead or hung)")
